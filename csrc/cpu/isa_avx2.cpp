@@ -1,0 +1,67 @@
+// AVX2 + FMA kernels: 8 float lanes; a code's value is looked up with two 8-entry vpermps
+// and a blend on the code's bit 3, so asym, sym and nf4 share one instruction path.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+
+#include "cpu/lora_cpu.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+namespace {
+// Per-TU copies of the shared helpers (see isa_avx512.cpp).
+#include "common/quant_math.h"
+
+struct V {
+  static constexpr int W = 8;
+  using R = __m256;
+  struct Table {
+    __m256 low8, high8;  // values of codes 0..7 and 8..15
+  };
+  static R zero() { return _mm256_setzero_ps(); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static R set1(float f) { return _mm256_set1_ps(f); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static float hsum(R v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static R load_bf16(const uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static Table make_table(const float* table16, float scale, float offset) {
+    const __m256 s = _mm256_set1_ps(scale), o = _mm256_set1_ps(offset);
+    return {_mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(table16), s), o),
+            _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(table16 + 8), s), o)};
+  }
+  // idx's bits 0..2 pick within a half; `select`'s sign bit (the code's bit 3) picks the half.
+  static R lookup(const Table& t, __m256i idx, __m256i select) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.low8, idx),
+                            _mm256_permutevar8x32_ps(t.high8, idx), _mm256_castsi256_ps(select));
+  }
+  // 8 bytes -> 16 codes.
+  static void decode(const uint8_t* p, const Table& t, R& lo, R& hi) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    lo = lookup(t, b, _mm256_slli_epi32(b, 28));
+    hi = lookup(t, _mm256_srli_epi32(b, 4), _mm256_slli_epi32(b, 24));
+  }
+};
+
+#include "cpu/kernels_impl.h"
+}  // namespace
+
+const ::lorart::cpu::KernelTable* ::lorart::cpu::kernels_avx2() {
+  static const KernelTable table{"avx2", &forward<V>, &backward<V>};
+  return &table;
+}
+
+#else
+const ::lorart::cpu::KernelTable* ::lorart::cpu::kernels_avx2() { return nullptr; }
+#endif

@@ -1,0 +1,58 @@
+// AVX-512 (F + BW) kernels: 16 float lanes; a code's value is one vpermps lookup in a
+// 16-entry table held in a register, so asym, sym and nf4 share one instruction path.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+
+#include "cpu/lora_cpu.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__FMA__)
+#include <immintrin.h>
+
+namespace {
+// Per-TU copies of the shared helpers: inline functions compiled with -mavx512f must not be
+// merged by the linker with the baseline copies the scalar TU uses.
+#include "common/quant_math.h"
+
+struct V {
+  static constexpr int W = 16;
+  using R = __m512;
+  struct Table {
+    __m512 values;
+  };
+  static R zero() { return _mm512_setzero_ps(); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static R set1(float f) { return _mm512_set1_ps(f); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static float hsum(R v) { return _mm512_reduce_add_ps(v); }
+  static R load_bf16(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static Table make_table(const float* table16, float scale, float offset) {
+    const __m512 t = _mm512_mul_ps(_mm512_loadu_ps(table16), _mm512_set1_ps(scale));
+    return {_mm512_add_ps(t, _mm512_set1_ps(offset))};
+  }
+  // 16 bytes -> 32 codes; vpermps reads only the low 4 bits of each index, so the low
+  // nibble needs no mask.
+  static void decode(const uint8_t* p, const Table& t, R& lo, R& hi) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm512_permutexvar_ps(b, t.values);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t.values);
+  }
+};
+
+#include "cpu/kernels_impl.h"
+}  // namespace
+
+const ::lorart::cpu::KernelTable* ::lorart::cpu::kernels_avx512() {
+  static const KernelTable table{"avx512", &forward<V>, &backward<V>};
+  return &table;
+}
+
+#else
+const ::lorart::cpu::KernelTable* ::lorart::cpu::kernels_avx512() { return nullptr; }
+#endif

@@ -1,0 +1,46 @@
+// Portable kernels (one float lane, no intrinsics): compile on any CPU, and are the
+// reference the SIMD paths are tested against besides lorart.reference.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+
+#include "cpu/lora_cpu.h"
+
+namespace {
+// Per-TU copies of the shared helpers (see isa_avx512.cpp).
+#include "common/quant_math.h"
+
+struct V {
+  static constexpr int W = 1;
+  using R = float;
+  struct Table {
+    float values[16];
+  };
+  static R zero() { return 0.0f; }
+  static R load(const float* p) { return *p; }
+  static void store(float* p, R v) { *p = v; }
+  static R set1(float f) { return f; }
+  static R fma(R a, R b, R c) { return a * b + c; }
+  static R add(R a, R b) { return a + b; }
+  static float hsum(R v) { return v; }
+  static R load_bf16(const uint16_t* p) { return lorart::bf16_bits_to_float(*p); }
+  static Table make_table(const float* table16, float scale, float offset) {
+    Table t;
+    for (int q = 0; q < 16; ++q)
+      t.values[q] = lorart::dequantize_value(table16[q], scale, 0.0f) + offset;
+    return t;
+  }
+  static void decode(const uint8_t* p, const Table& t, R& lo, R& hi) {
+    lo = t.values[*p & 15];
+    hi = t.values[*p >> 4];
+  }
+};
+
+#include "cpu/kernels_impl.h"
+}  // namespace
+
+const ::lorart::cpu::KernelTable* ::lorart::cpu::kernels_scalar() {
+  static const KernelTable table{"scalar", &forward<V>, &backward<V>};
+  return &table;
+}

@@ -1,0 +1,235 @@
+"""The ``cpu`` backend: fused base + LoRA + 4-bit kernels in C++ (``lorart._C``).
+
+One op chain: ``CpuBackend.forward`` → ``torch.ops.lorart.cpu_lora_forward`` (a
+``torch.library.custom_op`` with a fake implementation, so ``torch.compile`` traces it)
+→ ``lorart._C.cpu_forward`` (pointers, sizes, row strides; the GIL is released) →
+the kernel table of the instruction set chosen at run time (AVX-512, AVX2+FMA or
+portable scalar; ``LORART_CPU_ISA`` or :func:`set_isa` forces one).
+
+    y[i]  = x[i] Wᵀ + bias + c_s · (x[i] A_sᵀ) B_sᵀ            s = adapter_ids[i] (-1: none)
+    dx    = dy W + Σ_s c_s (dy_s B_s) A_s
+    dA_s  = c_s (dy_s B_s)ᵀ x_s          dB_s = c_s dy_sᵀ (x_s A_sᵀ)
+
+Supported: CPU tensors, x/W/A/B float32 or bfloat16 (fp32 accumulation, output in x's
+dtype), dense W or a ``QuantizedWeight`` (asym, sym, nf4; any group size; fp16 or fp32
+scales). Anything else gets a reason from :meth:`CpuBackend.unsupported` and the
+registry falls back to the torch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from ..quant import QuantizedWeight
+from .base import Backend, Base, LoRAArgs
+
+__all__ = ["CpuBackend", "available_isas", "isa", "set_isa"]
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+_SCALE_DTYPE_CODE = {torch.float32: 0, torch.float16: 2}
+_SCHEME_CODE = {"asym": 0, "sym": 1, "nf4": 2}
+_DENSE = -1
+
+# Rows up to which the forward runs the fused decode GEMV (each packed byte unpacked once
+# for up to 4 rows at a time, LoRA added in the same pass); above it, the tiled GEMM
+# (W dequantized 256×32 at a time into an L1 panel, 6×32 FMA register tile).
+# Measured on the 2-core AVX-512 EPYC dev machine, 4096×4096 asym g128 fp32, rank 16
+# (benchmarks/bench_cpu_lora.py --crossover): see DECODE_MAX_ROWS_MEASUREMENT.
+DECODE_MAX_ROWS = 8
+DECODE_MAX_ROWS_MEASUREMENT = "to be filled in from benchmarks/bench_cpu_lora.py --crossover"
+
+
+def set_isa(name: str) -> None:
+    """Force the kernels of one instruction set: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
+    _C.set_isa(name)
+
+
+def isa() -> str:
+    """The instruction set the kernels use now."""
+    return _C.isa()
+
+
+def available_isas() -> list[str]:
+    """Instruction sets this build and CPU support, best first."""
+    return list(_C.available_isas())
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D tensor whose columns are contiguous (rows may be strided)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def _weight_args(weight: torch.Tensor, scales: torch.Tensor | None,
+                 offsets: torch.Tensor | None, scheme: int, group_size: int) -> list:
+    """``[n, k, scheme, weight, scales, offsets, scale_dtype, group_size]`` for ``_C``."""
+    n = weight.shape[0]
+    if scheme == _DENSE:
+        return [n, weight.shape[1], _DENSE, _ptr(weight), 0, 0, 0, 0]
+    return [n, 2 * weight.shape[1], scheme, _ptr(weight), _ptr(scales), _ptr(offsets),
+            _SCALE_DTYPE_CODE[scales.dtype], group_size]
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("lorart::cpu_lora_forward", mutates_args=(), device_types="cpu")
+def cpu_lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    offsets: torch.Tensor | None,
+    scheme: int,
+    group_size: int,
+    bias: torch.Tensor | None,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    rank_offsets: list[int],
+    lora_scales: list[float],
+    adapter_ids: torch.Tensor | None,
+    decode_max_rows: int,
+) -> torch.Tensor:
+    """``y [M, N]`` (x's dtype) = ``x [M, K] Wᵀ + bias + LoRA``.
+
+    ``weight`` is the dense ``W [N, K]`` (``scheme=-1``) or the packed codes
+    ``[N, K/2]`` uint8 with ``scales``/``offsets [N, K/g]`` (scheme 0/1/2 =
+    asym/sym/nf4). ``a [R, K]``, ``b [N, R]``; ``adapter_ids [M]`` int32 or None.
+    """
+    x = _rows(x)
+    m = x.shape[0]
+    n = weight.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+    scales = None if scales is None else scales.contiguous()
+    offsets = None if offsets is None else offsets.contiguous()
+    a = None if a is None else a.contiguous()
+    b = None if b is None else b.contiguous()
+    ids = None if adapter_ids is None else adapter_ids.to(torch.int32).contiguous()
+    _C.cpu_forward(m, _DTYPE_CODE[x.dtype], _ptr(x), _row_stride(x),
+                   *_weight_args(weight, scales, offsets, scheme, group_size),
+                   _ptr(bias), _ptr(a), _ptr(b), 0 if b is None else b.shape[1],
+                   rank_offsets, lora_scales, _ptr(ids), _ptr(y), n, decode_max_rows)
+    return y
+
+
+@cpu_lora_forward.register_fake
+def _(x, weight, scales, offsets, scheme, group_size, bias, a, b, rank_offsets, lora_scales,
+      adapter_ids, decode_max_rows):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("lorart::cpu_lora_backward", mutates_args=(), device_types="cpu")
+def cpu_lora_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    offsets: torch.Tensor | None,
+    scheme: int,
+    group_size: int,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    rank_offsets: list[int],
+    lora_scales: list[float],
+    adapter_ids: torch.Tensor | None,
+    need_dx: bool,
+    need_dlora: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx [M, K], da [R, K], db [N, R])`` for a frozen base; a gradient that is not
+    needed (or has no adapter) comes back as an empty ``[0]`` tensor."""
+    dy, x = _rows(dy), _rows(x)
+    m, k = x.shape
+    weight = weight.contiguous()
+    scales = None if scales is None else scales.contiguous()
+    offsets = None if offsets is None else offsets.contiguous()
+    with_lora = need_dlora and a is not None
+    dx = torch.empty((m, k), dtype=x.dtype) if need_dx else x.new_empty(0)
+    da = torch.zeros(a.shape, dtype=torch.float32) if with_lora else x.new_empty(0)
+    db = torch.zeros(b.shape, dtype=torch.float32) if with_lora else x.new_empty(0)
+    if m > 0 and (need_dx or with_lora):
+        a = None if a is None else a.contiguous()
+        b = None if b is None else b.contiguous()
+        ids = None if adapter_ids is None else adapter_ids.to(torch.int32).contiguous()
+        _C.cpu_backward(m, _DTYPE_CODE[x.dtype], _ptr(dy), _row_stride(dy), _ptr(x),
+                        _row_stride(x), *_weight_args(weight, scales, offsets, scheme, group_size),
+                        _ptr(a), _ptr(b), 0 if b is None else b.shape[1], rank_offsets,
+                        lora_scales, _ptr(ids), _ptr(dx) if need_dx else 0, k,
+                        _ptr(da) if with_lora else 0, _ptr(db) if with_lora else 0)
+    if with_lora:
+        da, db = da.to(a.dtype), db.to(b.dtype)
+    return dx, da, db
+
+
+@cpu_lora_backward.register_fake
+def _(dy, x, weight, scales, offsets, scheme, group_size, a, b, rank_offsets, lora_scales,
+      adapter_ids, need_dx, need_dlora):
+    with_lora = need_dlora and a is not None
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    da = a.new_empty(a.shape) if with_lora else x.new_empty(0)
+    db = b.new_empty(b.shape) if with_lora else x.new_empty(0)
+    return dx, da, db
+
+
+# --------------------------------------------------------------------------- backend
+def _base_parts(base: Base) -> tuple:
+    """``(weight, scales, offsets, scheme_code, group_size)`` of a dense or packed base."""
+    if isinstance(base, QuantizedWeight):
+        return (base.qweight, base.scales, base.offsets, _SCHEME_CODE[base.scheme],
+                base.group_size)
+    return base, None, None, _DENSE, 0
+
+
+def _lora_parts(lora: LoRAArgs | None) -> tuple:
+    if lora is None:
+        return None, None, [0], []
+    return lora.a, lora.b, list(lora.rank_offsets), [float(s) for s in lora.scales]
+
+
+class CpuBackend(Backend):
+    """C++ kernels for CPU tensors (see the module doc)."""
+
+    name = "cpu"
+
+    def status(self) -> tuple[bool, str]:
+        return True, (f"C++ kernels, {isa()} of {'/'.join(available_isas())}, "
+                      f"{_C.max_threads()} OpenMP threads")
+
+    def unsupported(self, x: torch.Tensor, base: Base, lora: LoRAArgs | None) -> str | None:
+        if x.device.type != "cpu":
+            return f"x is on {x.device}; the cpu backend runs CPU tensors only"
+        if x.dtype not in _DTYPE_CODE:
+            return f"no C++ kernel for dtype={x.dtype} (float32 and bfloat16 only)"
+        if isinstance(base, QuantizedWeight):
+            if base.device.type != "cpu":
+                return f"the quantized base is on {base.device}"
+            if base.scales.dtype not in _SCALE_DTYPE_CODE:
+                return f"no C++ kernel for scale dtype {base.scales.dtype}"
+        elif base.dtype != x.dtype:
+            return f"dense base dtype {base.dtype} differs from x dtype {x.dtype}"
+        if lora is not None and (lora.a.dtype != x.dtype or lora.b.dtype != x.dtype):
+            return f"adapters are {lora.a.dtype}, x is {x.dtype}"
+        return None
+
+    def forward(self, x, base, bias, lora, adapter_ids, segments=None):
+        weight, scales, offsets, scheme, group_size = _base_parts(base)
+        a, b, rank_offsets, lora_scales = _lora_parts(lora)
+        return torch.ops.lorart.cpu_lora_forward(
+            x, weight, scales, offsets, scheme, group_size, bias, a, b, rank_offsets,
+            lora_scales, adapter_ids, DECODE_MAX_ROWS)
+
+    def backward(self, dy, x, base, lora, adapter_ids, need_dx, need_dlora, segments=None):
+        weight, scales, offsets, scheme, group_size = _base_parts(base)
+        a, b, rank_offsets, lora_scales = _lora_parts(lora)
+        dx, da, db = torch.ops.lorart.cpu_lora_backward(
+            dy, x, weight, scales, offsets, scheme, group_size, a, b, rank_offsets,
+            lora_scales, adapter_ids, need_dx, need_dlora and lora is not None)
+        with_lora = need_dlora and lora is not None
+        return (dx if need_dx else None, da if with_lora else None, db if with_lora else None)

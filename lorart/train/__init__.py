@@ -1,0 +1,56 @@
+"""Training LoRA adapters on a frozen 4-bit base: data, engine, checkpoints, HF Trainer.
+
+    lorart.train.data        JSONL prompt/response -> chat-templated ids, loss on the response
+    lorart.train.engine      one step for many adapters at once (per-adapter loss and AdamW group)
+    lorart.train.trainer     TrainConfig, LoRATrainer (loop, tqdm, checkpoints), train()
+    lorart.train.checkpoint  resumable checkpoints; PEFT adapter files
+    lorart.train.hf          transformers.Trainer integration
+
+The command line is ``lorart train`` (``lorart/commands/train.py``).
+"""
+
+from __future__ import annotations
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_peft_adapter
+from .data import IGNORE_INDEX, Batch, Example, collate, encode, load_examples, read_jsonl
+from .engine import (
+    AdapterOptimizer,
+    StepResult,
+    adapter_loss,
+    adapter_rows,
+    freeze_all_but_adapters,
+    lora_parameters,
+    response_losses,
+    train_step,
+)
+from .hf import HFCollator, SaveAdaptersCallback, hf_dataset, prepare_for_hf_trainer
+from .trainer import LoRATrainer, TrainConfig, load_base, train
+
+__all__ = [
+    "IGNORE_INDEX",
+    "AdapterOptimizer",
+    "Batch",
+    "Example",
+    "HFCollator",
+    "LoRATrainer",
+    "SaveAdaptersCallback",
+    "StepResult",
+    "TrainConfig",
+    "adapter_loss",
+    "adapter_rows",
+    "collate",
+    "encode",
+    "freeze_all_but_adapters",
+    "hf_dataset",
+    "latest_checkpoint",
+    "load_base",
+    "load_checkpoint",
+    "load_examples",
+    "lora_parameters",
+    "prepare_for_hf_trainer",
+    "read_jsonl",
+    "response_losses",
+    "save_peft_adapter",
+    "train",
+    "train_step",
+]

@@ -1,0 +1,390 @@
+// CUDA decode kernels: y = x Wᵀ + bias + per-row LoRA for M <= 16 rows, W packed 4-bit
+// (asym / sym / nf4, groups of 32..256 along K) or dense fp16/bf16.
+//
+// Two launches per layer:
+//  1. shrink_kernel (only with adapters): t[m, j] = c_s · x[m] · A_s[j], fp32 [M, max_rank].
+//     A separate launch because every output block needs all of t: computing it inside
+//     the fused kernel would re-read A_s once per block (N/16 times) or need a grid-wide
+//     barrier. The tiny launch reads each used A row once; t (<= 16 x 128 floats) then
+//     sits in L2 for the fused kernel.
+//  2. decode_kernel: one block of 8 warps per 16 * NT output features. The packed weight
+//     is streamed once with 16-byte loads that bypass L1 (each byte is used once),
+//     dequantized in registers into fp16/bf16, and multiplied with all M rows on the
+//     tensor cores (mma.m16n8k16, fp32 accumulation; see fragments.cuh for the k-order
+//     trick that makes the packed layout MMA-friendly without re-packing). The 8 warps
+//     split K (warp w takes 128-k chunks w, w+8, ...), their partial sums meet in
+//     shared memory, and the epilogue adds bias and each row's own adapter
+//     (sum_j t[m, j] B[n, lo_s + j]) before writing y once.
+//
+// Activations are read by each warp straight from global memory through L1 rather
+// than staged in shared memory: with split-K every 128-k chunk of x is used by exactly
+// one warp of a block (no reuse a stage would buy, only a barrier per tile), the NT
+// n-tiles of a warp reuse the x fragments from registers, and blocks share x through
+// L2 (x is at most 16 x K x 2 bytes, e.g. 256 KiB at K = 8192).
+//
+// None of this has run on a GPU yet: the tile shapes (8 warps, NT in {1, 2}, the NT
+// switch point, the 2x unroll) are reasoned, not measured.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "common/quant_math.h"
+#include "cuda/check.cuh"
+#include "cuda/decode.h"
+#include "cuda/fragments.cuh"
+
+namespace lorart::cuda {
+namespace {
+
+// 8 warps split K: a 4096 x 4096 layer has only 256 blocks of 16 features, so the
+// bytes in flight per SM come from warps per block and from unrolling the k-loop.
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+// Use two 16-row n-tiles per block (x fragments reused twice) once there are at least
+// this many single-tile blocks per SM, i.e. when parallelism is plentiful anyway.
+constexpr int64_t kTwoTileBlocksPerSm = 8;
+
+// Dequantize one lane's 32 codes of one weight row for MMA step s into A registers
+// a[r] (k + 0, k + 1) and a[2 + r] (k + 2, k + 3), where r = 0 for row g, 1 for row g+8.
+template <typename T, bool kTable>
+__device__ __forceinline__ void dequant_step(const uint32_t (&codes)[4], int s, float scale,
+                                             float offset, float code_bias, const float* table,
+                                             uint32_t& lo_pair, uint32_t& hi_pair) {
+  // Step s uses bytes 2s and 2s+1 of the lane's 16 bytes: codes 4s .. 4s+3.
+  const uint32_t bits = codes[s >> 1] >> ((s & 1) * 16);
+  float v[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t q = (bits >> (4 * j)) & 15u;
+    const float cv = kTable ? table[q] : code_value_arith(q, code_bias);
+    v[j] = dequantize_value(cv, scale, offset);
+  }
+  lo_pair = ActTraits<T>::pack(v[0], v[1]);
+  hi_pair = ActTraits<T>::pack(v[2], v[3]);
+}
+
+// The k-loop of one warp: accumulates its share of K into acc for NT n-tiles.
+template <typename T, typename ScaleT, int MT, int NT, bool kQuant, bool kVec, bool kTable>
+__device__ __forceinline__ void main_loop(const DecodeArgs& args, int64_t n_base, int warp, int g,
+                                          int t, const float* table, float (&acc)[NT][MT / 8][4]) {
+  constexpr int kMHalves = MT / 8;
+  const int64_t M = args.m, N = args.n, K = args.k;
+  const auto* x = static_cast<const T*>(args.x);
+  const float code_bias = args.scheme == static_cast<int>(Scheme::kSym) ? 8388616.0f : 8388608.0f;
+  const int64_t num_chunks = (K + kChunkK - 1) / kChunkK;
+
+  // Unrolled twice so a warp has both chunks' weight loads in flight at once.
+#pragma unroll 2
+  for (int64_t chunk = warp; chunk < num_chunks; chunk += kWarps) {
+    const int64_t k0 = chunk * kChunkK + kLaneK * t;  // this lane's 32 contiguous k
+
+    // B fragments: activation rows g (and g + 8 when MT = 16), zero beyond M and K.
+    uint32_t xw[kMHalves][16];
+#pragma unroll
+    for (int h = 0; h < kMHalves; ++h) {
+      const int64_t m = g + 8 * h;
+      const bool row_ok = m < M;
+      load_lane_k<kVec>(x + (row_ok ? m : 0) * K, k0, K, row_ok, xw[h]);
+    }
+
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t a[4];
+      if constexpr (kQuant) {
+        const auto* qweight = static_cast<const uint8_t*>(args.weight);
+        const auto* scales = static_cast<const ScaleT*>(args.scales);
+        const auto* offsets = static_cast<const ScaleT*>(args.offsets);
+        const int64_t groups = K / args.group_size;
+        const int64_t group = k0 / args.group_size;  // a lane's 32 k lie in one group
+        uint32_t codes[2][4];
+        float scale[2], offset[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int64_t n = n_base + 16 * nt + g + 8 * r;
+          // K % 32 == 0 for packed weights, so a lane's 32 k are all in or all out.
+          const bool ok = n < N && k0 < K;
+          const uint4 v =
+              ok ? load_streaming(qweight + n * (K / 2) + k0 / 2) : make_uint4(0, 0, 0, 0);
+          store_words(codes[r], v);
+          scale[r] = ok ? load_scale(scales, n * groups + group) : 0.0f;
+          offset[r] = ok && offsets != nullptr ? load_scale(offsets, n * groups + group) : 0.0f;
+        }
+#pragma unroll
+        for (int s = 0; s < kChunkK / 16; ++s) {
+          dequant_step<T, kTable>(codes[0], s, scale[0], offset[0], code_bias, table, a[0], a[2]);
+          dequant_step<T, kTable>(codes[1], s, scale[1], offset[1], code_bias, table, a[1], a[3]);
+#pragma unroll
+          for (int h = 0; h < kMHalves; ++h) {
+            mma_16816<T>(acc[nt][h], a, xw[h][2 * s], xw[h][2 * s + 1]);
+          }
+        }
+      } else {
+        const auto* weight = static_cast<const T*>(args.weight);
+        uint32_t w[2][16];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int64_t n = n_base + 16 * nt + g + 8 * r;
+          const bool row_ok = n < N;
+          load_lane_k_streaming<kVec>(weight + (row_ok ? n : 0) * K, k0, K, row_ok, w[r]);
+        }
+#pragma unroll
+        for (int s = 0; s < kChunkK / 16; ++s) {
+          a[0] = w[0][2 * s];
+          a[1] = w[1][2 * s];
+          a[2] = w[0][2 * s + 1];
+          a[3] = w[1][2 * s + 1];
+#pragma unroll
+          for (int h = 0; h < kMHalves; ++h) {
+            mma_16816<T>(acc[nt][h], a, xw[h][2 * s], xw[h][2 * s + 1]);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, typename ScaleT, int MT, int NT, bool kQuant, bool kVec>
+__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeArgs args) {
+  constexpr int kMHalves = MT / 8;
+  constexpr int kTileN = 16 * NT;
+  __shared__ float table[16];
+  __shared__ float partial[kWarps][kTileN][MT];
+
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int64_t n_base = static_cast<int64_t>(blockIdx.x) * kTileN;
+
+  bool use_table = false;
+  if constexpr (kQuant) {
+    // One thread, constant indices: the fully unrolled fill keeps quant_math.h's NF4
+    // constants out of local memory (a per-thread dynamic index would spill them).
+    if (threadIdx.x == 0) fill_code_table(static_cast<Scheme>(args.scheme), table);
+    __syncthreads();
+    use_table = args.scheme == static_cast<int>(Scheme::kNf4);
+  }
+
+  float acc[NT][kMHalves][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int h = 0; h < kMHalves; ++h) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nt][h][e] = 0.0f;
+    }
+  }
+  // The branch is uniform and hoisted out of the k-loop: nf4 looks codes up in the
+  // shared table, asym/sym compute them (no shared-memory traffic per element).
+  if (use_table) {
+    main_loop<T, ScaleT, MT, NT, kQuant, kVec, true>(args, n_base, warp, g, t, table, acc);
+  } else {
+    main_loop<T, ScaleT, MT, NT, kQuant, kVec, false>(args, n_base, warp, g, t, table, acc);
+  }
+
+  // C fragment of lane (g, t): e = 0, 1 -> (n = g, m = 2t + e); e = 2, 3 -> (n = g + 8, ...).
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int h = 0; h < kMHalves; ++h) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        partial[warp][16 * nt + g + 8 * (e >> 1)][8 * h + 2 * t + (e & 1)] = acc[nt][h][e];
+      }
+    }
+  }
+  __syncthreads();
+
+  // Epilogue: consecutive threads take consecutive n, so y rows are written coalesced.
+  using Traits = ActTraits<T>;
+  const int64_t M = args.m, N = args.n;
+  const auto* bias = static_cast<const T*>(args.bias);
+  const auto* lora_b = static_cast<const T*>(args.lora_b);
+  auto* y = static_cast<T*>(args.y);
+  for (int idx = static_cast<int>(threadIdx.x); idx < kTileN * MT; idx += kThreads) {
+    const int n_local = idx % kTileN;
+    const int m = idx / kTileN;
+    const int64_t n = n_base + n_local;
+    if (m >= M || n >= N) continue;
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += partial[w][n_local][m];  // fixed order
+    if (bias != nullptr) v += Traits::to_float(bias[n]);
+    if (lora_b != nullptr) {
+      const int s = args.adapter_ids != nullptr ? args.adapter_ids[m] : 0;
+      if (s >= 0) {
+        const int64_t lo = args.rank_offsets[s];
+        const int64_t rank = adapter_rank(args.rank_offsets, s);
+        const T* b_row = lora_b + n * args.ldb + lo;
+        const float* t_row = args.lora_t + m * args.ldt;
+        for (int64_t j = 0; j < rank; ++j) v += t_row[j] * Traits::to_float(b_row[j]);
+      }
+    }
+    y[m * N + n] = Traits::from_float(v);
+  }
+}
+
+// One warp per (row m, rank index j): t[m, j] = c_s · x[m] · A[lo_s + j], fp32.
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkArgs args) {
+  using Traits = ActTraits<T>;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int64_t m = blockIdx.y;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const int s = args.adapter_ids != nullptr ? args.adapter_ids[m] : 0;
+  if (s < 0 || j >= adapter_rank(args.rank_offsets, s)) return;  // whole warp leaves
+  const int64_t K = args.k;
+  const auto* x_row = static_cast<const T*>(args.x) + m * K;
+  const auto* a_row = static_cast<const T*>(args.lora_a) + (args.rank_offsets[s] + j) * K;
+
+  float sum = 0.0f;
+  if constexpr (kVec) {  // K % 8 == 0 and 16-byte aligned rows
+    for (int64_t k = 8 * lane; k < K; k += 8 * 32) {
+      uint32_t xv[4], av[4];
+      store_words(xv, load_cached(x_row + k));
+      store_words(av, load_cached(a_row + k));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 xf = Traits::unpack(xv[i]);
+        const float2 af = Traits::unpack(av[i]);
+        sum = fmaf(xf.x, af.x, sum);
+        sum = fmaf(xf.y, af.y, sum);
+      }
+    }
+  } else {
+    for (int64_t k = lane; k < K; k += 32) {
+      sum = fmaf(Traits::to_float(x_row[k]), Traits::to_float(a_row[k]), sum);
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (lane == 0) args.t[m * args.ldt + j] = sum * args.lora_scales[s];
+}
+
+// ------------------------------------------------------------------------ host side
+bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+void require(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument("lorart CUDA: " + message);
+}
+
+int sm_count() {
+  int device = 0;
+  LORART_CUDA_CHECK(cudaGetDevice(&device));
+  int count = 0;
+  LORART_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+template <typename T, typename ScaleT, int MT, int NT, bool kQuant, bool kVec>
+void launch_tiles(const DecodeArgs& args, cudaStream_t stream) {
+  const int64_t blocks = (args.n + 16 * NT - 1) / (16 * NT);
+  require(blocks <= 0x7fffffff, "N too large for one grid");
+  decode_kernel<T, ScaleT, MT, NT, kQuant, kVec>
+      <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+  LORART_CUDA_CHECK_LAUNCH("decode_kernel");
+}
+
+template <typename T, typename ScaleT, bool kQuant, bool kVec>
+void dispatch_tiles(const DecodeArgs& args, cudaStream_t stream) {
+  const int64_t n_tiles = (args.n + 15) / 16;
+  const bool two_tiles = n_tiles >= kTwoTileBlocksPerSm * sm_count();
+  if (args.m <= 8) {
+    if (two_tiles) return launch_tiles<T, ScaleT, 8, 2, kQuant, kVec>(args, stream);
+    return launch_tiles<T, ScaleT, 8, 1, kQuant, kVec>(args, stream);
+  }
+  if (two_tiles) return launch_tiles<T, ScaleT, 16, 2, kQuant, kVec>(args, stream);
+  return launch_tiles<T, ScaleT, 16, 1, kQuant, kVec>(args, stream);
+}
+
+template <typename T>
+void dispatch_weight(const DecodeArgs& args, cudaStream_t stream) {
+  if (args.quantized) {
+    if (args.scales_f32) return dispatch_tiles<T, float, true, true>(args, stream);
+    return dispatch_tiles<T, __half, true, true>(args, stream);
+  }
+  // Wide 16-byte loads need K % 8 == 0 (rows start 16-byte aligned) and aligned bases;
+  // odd K takes the element-wise path (same kernel, narrow loads).
+  const bool vec = args.k % 8 == 0 && aligned16(args.x) && aligned16(args.weight);
+  if (vec) return dispatch_tiles<T, float, false, true>(args, stream);
+  return dispatch_tiles<T, float, false, false>(args, stream);
+}
+
+void validate(const DecodeArgs& a) {
+  require(a.m >= 1 && a.m <= kMaxRows, "decode kernels take 1.." + std::to_string(kMaxRows) +
+                                           " rows, got M=" + std::to_string(a.m));
+  require(a.n >= 1 && a.k >= 1, "N and K must be positive");
+  require(a.y != nullptr && a.x != nullptr && a.weight != nullptr, "y, x and weight are required");
+  require(a.act == Act::kF16 || a.act == Act::kBF16, "act must be float16 or bfloat16");
+  if (a.quantized) {
+    const int g = a.group_size;
+    require(g == 32 || g == 64 || g == 128 || g == 256,
+            "group_size must be 32, 64, 128 or 256, got " + std::to_string(g));
+    require(a.k % g == 0, "K must be a multiple of group_size");
+    require(a.scheme >= 0 && a.scheme <= 2, "scheme must be 0 (asym), 1 (sym) or 2 (nf4)");
+    require(a.scales != nullptr, "scales are required for a quantized weight");
+    require((a.offsets != nullptr) == (a.scheme == static_cast<int>(Scheme::kAsym)),
+            "offsets must be given for scheme asym and only for it");
+    // K % 32 == 0 makes every row of qweight (K/2 bytes) and x (2K bytes) 16-byte
+    // aligned once the base pointers are; the Python wrapper copies unaligned views.
+    require(aligned16(a.weight), "qweight must be 16-byte aligned");
+    require(aligned16(a.x), "x must be 16-byte aligned for a quantized weight");
+  }
+  require((a.lora_b == nullptr) == (a.lora_t == nullptr), "lora_b and lora_t go together");
+  if (a.lora_b != nullptr) {
+    require(a.rank_offsets != nullptr, "rank_offsets are required with adapters");
+    require(a.ldb >= 1 && a.ldt >= 1, "ldb and ldt must be positive with adapters");
+  }
+}
+
+}  // namespace
+
+void launch_decode(const DecodeArgs& args, std::uintptr_t stream) {
+  validate(args);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (args.act == Act::kF16) return dispatch_weight<__half>(args, s);
+  return dispatch_weight<__nv_bfloat16>(args, s);
+}
+
+void launch_shrink(const ShrinkArgs& a, std::uintptr_t stream) {
+  require(a.m >= 1 && a.m <= kMaxRows, "shrink takes 1.." + std::to_string(kMaxRows) + " rows");
+  require(a.k >= 1 && a.ldt >= 1, "K and the max rank must be positive");
+  require(a.t != nullptr && a.x != nullptr && a.lora_a != nullptr && a.rank_offsets != nullptr &&
+              a.lora_scales != nullptr,
+          "t, x, lora_a, rank_offsets and lora_scales are required");
+  require(a.act == Act::kF16 || a.act == Act::kBF16, "act must be float16 or bfloat16");
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  const dim3 grid(static_cast<unsigned>((a.ldt + kWarps - 1) / kWarps), static_cast<unsigned>(a.m));
+  const bool vec = a.k % 8 == 0 && aligned16(a.x) && aligned16(a.lora_a);
+  if (a.act == Act::kF16) {
+    if (vec) {
+      shrink_kernel<__half, true><<<grid, kThreads, 0, s>>>(a);
+    } else {
+      shrink_kernel<__half, false><<<grid, kThreads, 0, s>>>(a);
+    }
+  } else {
+    if (vec) {
+      shrink_kernel<__nv_bfloat16, true><<<grid, kThreads, 0, s>>>(a);
+    } else {
+      shrink_kernel<__nv_bfloat16, false><<<grid, kThreads, 0, s>>>(a);
+    }
+  }
+  LORART_CUDA_CHECK_LAUNCH("shrink_kernel");
+}
+
+int runtime_version() {
+  int v = 0;
+  LORART_CUDA_CHECK(cudaRuntimeGetVersion(&v));
+  return v;
+}
+
+int driver_version() {
+  int v = 0;
+  // No driver installed is an answer (0), not an error, for status reporting.
+  if (cudaDriverGetVersion(&v) != cudaSuccess) return 0;
+  return v;
+}
+
+}  // namespace lorart::cuda

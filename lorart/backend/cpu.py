@@ -40,19 +40,29 @@ DECODE_MAX_ROWS = 8
 DECODE_MAX_ROWS_MEASUREMENT = "to be filled in from benchmarks/bench_cpu_lora.py --crossover"
 
 
+# A Python mirror of the ISA in use, so status() reads no pybind function while
+# torch.compile traces the op surface (a pybind call would break the graph).
+_ISA = {"active": _C.isa(), "available": list(_C.available_isas()), "threads": _C.max_threads()}
+
+
 def set_isa(name: str) -> None:
-    """Force the kernels of one instruction set: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
+    """Force the kernels of one instruction set: ``"scalar"``, ``"avx2"`` or ``"avx512"``.
+
+    ``ValueError`` if the CPU (or this build) lacks it. ``LORART_CPU_ISA`` sets the
+    initial choice; by default the best one available is used.
+    """
     _C.set_isa(name)
+    _ISA["active"] = _C.isa()
 
 
 def isa() -> str:
     """The instruction set the kernels use now."""
-    return _C.isa()
+    return _ISA["active"]
 
 
 def available_isas() -> list[str]:
     """Instruction sets this build and CPU support, best first."""
-    return list(_C.available_isas())
+    return list(_ISA["available"])
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -199,8 +209,8 @@ class CpuBackend(Backend):
     name = "cpu"
 
     def status(self) -> tuple[bool, str]:
-        return True, (f"C++ kernels, {isa()} of {'/'.join(available_isas())}, "
-                      f"{_C.max_threads()} OpenMP threads")
+        return True, (f"C++ kernels, {_ISA['active']} of {'/'.join(_ISA['available'])}, "
+                      f"{_ISA['threads']} OpenMP threads")
 
     def unsupported(self, x: torch.Tensor, base: Base, lora: LoRAArgs | None) -> str | None:
         if x.device.type != "cpu":

@@ -1,0 +1,96 @@
+"""``benchmarks/gpu_check.py``: its dry mode runs end to end, its case list and contracts hold.
+
+The real run needs a CUDA GPU; these tests run the same script with ``--dry-run``
+(tiny shapes, CPU tensors, TRITON_INTERPRET=1, every timed callable run once, no times
+recorded), which is what keeps the GPU run from failing on a lent machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import gpu_check  # noqa: E402
+
+
+def test_dry_run_end_to_end(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--dry-run", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    context, rows = lines[0]["context"], lines[1:]
+    assert context["interpreter"] is True and context["ceilings"] is None
+    kinds = {r["name"].split("/")[0] for r in rows}
+    assert kinds == {"decode", "decode_multi", "multi64", "prefill", "backward"}
+    for r in rows:
+        assert r["ok"], r
+        assert r["max_err"] <= gpu_check.TOLERANCE["bfloat16"]
+        assert r["baseline_err"] <= gpu_check.TOLERANCE["bfloat16"], r
+        assert "time_ms" not in r  # a dry run claims no timing
+    lines = proc.stdout.splitlines()
+    header = max(i for i, line in enumerate(lines) if line.startswith("case "))
+    assert not any(line.startswith("[") for line in lines[header:])  # the table comes last
+    assert len([line for line in lines[header:] if line.startswith(("decode", "multi64",
+                                                                   "prefill", "backward"))]) \
+        == len(rows)
+
+
+def test_full_case_list_covers_the_brief():
+    cases = gpu_check.case_list(dry=False)
+    shapes = {(c.n, c.k) for c in cases}
+    for model_shapes in gpu_check.SHAPES.values():
+        assert set(model_shapes) <= shapes
+    assert {16, 64} <= {c.rank for c in cases}
+    assert min(c.rows for c in cases) == 1 and max(c.rows for c in cases) == 4096
+    assert {1, 64} <= {c.adapters for c in cases}
+    assert {"asym", "sym", "nf4", "dense"} <= {c.weight.split("-")[0] for c in cases}
+
+
+def _verdict(kind, rows, weight="asym-g128", **times):
+    case = gpu_check.Case(kind, 4096, 4096, rows, weight=weight)
+    return gpu_check.target_verdict(case, times)
+
+
+def test_target_verdicts():
+    assert _verdict("decode", 1, pct_ceiling=75, time_ms=1.05, base_only_ms=1.0)["target_met"]
+    assert not _verdict("decode", 1, pct_ceiling=60, time_ms=1.0, base_only_ms=1.0)["target_met"]
+    assert not _verdict("decode", 1, pct_ceiling=90, time_ms=1.2, base_only_ms=1.0)["target_met"]
+    assert _verdict("prefill", 1024, time_ms=1.09, cublas_ms=1.0)["target_met"]
+    assert not _verdict("prefill", 4096, time_ms=1.2, cublas_ms=1.0)["target_met"]
+    assert _verdict("prefill", 512, time_ms=9.0, cublas_ms=1.0)["target_met"] is None
+    assert _verdict("multi64", 64, time_ms=1.2, one_adapter_ms=1.0)["target_met"]
+    assert not _verdict("backward", 1024, time_ms=1.0, peft_ms=1.4)["target_met"]
+    assert _verdict("backward", 1024, time_ms=1.0, peft_ms=1.6)["target_met"]
+
+
+def test_cuda_suite_contract(tmp_path):
+    path = tmp_path / "gpu_check_cuda.py"
+    assert gpu_check.cuda_rows(True, path) == []  # no file: no rows
+    path.write_text(
+        "def cuda_suite(dry):\n"
+        "    row = dict(name='bgmv', shape='4096x4096', rows=1, adapters=4, time_ms=None,\n"
+        "               gbps=None, tflops=None, max_err=1e-3, ok=True, note=f'dry={dry}')\n"
+        "    return [row, {'name': 'partial'}]\n")
+    full, partial = gpu_check.cuda_rows(True, path)
+    assert full["ok"] and full["note"] == "dry=True" and full["source"] == "cuda"
+    assert not partial["ok"] and "lacks" in partial["note"]
+    path.write_text("def cuda_suite(dry):\n    raise RuntimeError('no nvcc')\n")
+    (row,) = gpu_check.cuda_rows(False, path)
+    assert not row["ok"] and "no nvcc" in row["note"]
+    gpu_check.print_table([full, partial, row], None)  # the table takes CUDA rows
+
+
+def test_refuses_a_real_run_without_a_gpu(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; the real run is not a unit test")
+    assert gpu_check.main([]) == 2
+    assert "--dry-run" in capsys.readouterr().err

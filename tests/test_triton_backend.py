@@ -169,6 +169,26 @@ def test_multi_adapter_forward(pattern, m, kind, dtype, ranks):
     assert_close(y, reference_forward(x, base, bias, stack, ids), dtype)
 
 
+@pytest.mark.parametrize("multi", [False, True])
+def test_decode_split_k(multi):
+    """Decode grids split K (fp32 partials + a reduce launch); bias is added exactly once."""
+    n, k, m = 21, 512, 3
+    blocks = configs.fused_forward_blocks(configs.bucket_rows(m), n, k, 32, multi, 16)
+    assert blocks.split_k > 1
+    base = make_base("asym-g32-fp16", n, k, torch.bfloat16)
+    stack = make_stack([16, 5] if multi else [16], n, k, torch.bfloat16)
+    x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
+    bias = torch.randn(n, device=DEVICE).to(torch.bfloat16)
+    if multi:
+        ids = torch.tensor([1, -1, 0], dtype=torch.int32, device=DEVICE)
+        y = lorart.multi_lora_linear(x, base, stack, ids, bias)
+    else:
+        ids = None
+        a, b, scale = stack.adapter(0)
+        y = lorart.lora_linear(x, base, a, b, scale, bias)
+    assert_close(y, reference_forward(x, base, bias, stack, ids), torch.bfloat16)
+
+
 def test_paths_are_the_documented_ones():
     assert configs.forward_path(1, True, True, True) == "fused_gather"
     assert configs.forward_path(configs.DECODE_MAX_ROWS + 1, True, True, True) == "split"

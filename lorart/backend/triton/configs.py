@@ -37,6 +37,16 @@ DENSE_LIBRARY_GEMM_MIN_ROWS = 256
 # smallest rank block tl.dot-based paths use and keeps that 3-D tile at 8K elements.
 GATHER_RANK_BLOCK = 16
 
+# Decode grids are tiny (one row tile x N / BLOCK_N tiles: 64 programs for N=4096), too
+# few to keep a GPU's memory system busy (132 SMs on an H100/H200). Split-K multiplies the
+# programs up to about this many; each split still loops over >= MIN_K_BLOCKS_PER_SPLIT K
+# blocks so its loads pipeline. Partial sums (fp32) are reduced by a second tiny launch,
+# in split order (deterministic, no atomics). A fixed target, not a device query, so the
+# choice is the same under the interpreter and CI exercises it. Not yet measured on a GPU.
+SPLIT_K_TARGET_PROGRAMS = 264
+SPLIT_K_MAX = 16
+MIN_K_BLOCKS_PER_SPLIT = 2
+
 
 @dataclass(frozen=True)
 class Blocks:
@@ -47,6 +57,7 @@ class Blocks:
     k: int
     r: int = 16
     num_warps: int = 4
+    split_k: int = 1
 
 
 def next_power_of_2(v: int) -> int:
@@ -87,15 +98,24 @@ def fused_forward_blocks(m_bucket: int, n: int, k: int, group_size: int, gather:
                          max_rank: int) -> Blocks:
     """Tiles of the fused base(+LoRA) kernel, keyed on the row bucket.
 
-    Decode (m_bucket 16): a wide N tile streams the weight with few programs per row;
-    the gathered LoRA tile [16, 16, BLOCK_K] bounds BLOCK_K at 32. Prefill: 64x128 tiles
-    with K blocks of 64, the usual starting point of a Triton GEMM on Hopper.
+    Decode (m_bucket 16): 16-row tiles (tl.dot's minimum), BLOCK_N 64 so a single adapter's
+    A is re-read by N/64 programs only (from L2), K blocks of up to 128 (one quantization
+    group at most) and split-K for enough programs. The gathered LoRA tile
+    [16, 16, BLOCK_K] bounds BLOCK_K at 32 and BLOCK_N at 32 on the gather path.
+    Prefill: 64x128 tiles with K blocks of 64, the usual starting point of a Triton GEMM
+    on Hopper; no split-K (enough tiles already).
     """
-    block_k = 32 if gather else 64
+    block_k = 32 if gather else (128 if m_bucket <= 16 else 64)
     if group_size:
         block_k = min(block_k, group_size)  # one quantization group per K block
     if m_bucket <= 16:
-        return Blocks(m=16, n=32 if gather else 64, k=block_k, r=rank_block(max_rank))
+        block_n = 32 if gather else 64
+        tiles = -(-n // block_n)
+        k_blocks = -(-k // block_k)
+        split = next_power_of_2(-(-SPLIT_K_TARGET_PROGRAMS // tiles))
+        while split > 1 and (split > SPLIT_K_MAX or k_blocks < split * MIN_K_BLOCKS_PER_SPLIT):
+            split //= 2
+        return Blocks(m=16, n=block_n, k=block_k, r=rank_block(max_rank), split_k=split)
     if m_bucket <= 64:
         return Blocks(m=m_bucket, n=64, k=block_k, r=rank_block(max_rank))
     return Blocks(m=64, n=128, k=block_k, r=rank_block(max_rank), num_warps=8)

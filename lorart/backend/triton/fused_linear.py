@@ -29,15 +29,19 @@ from .weights import weight_tile
 def fused_lora_linear_kernel(
     x_ptr, w_ptr, q_ptr, s_ptr, o_ptr, t_ptr, bias_ptr, y_ptr,
     a_ptr, b_ptr, ids_ptr, offs_ptr, lscale_ptr,
-    M, N, K, R, MAX_RANK, GROUPS,
+    M, N, K, R, MAX_RANK, GROUPS, K_PER_SPLIT,
     QUANT: tl.constexpr, SCHEME: tl.constexpr, GROUP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    # Split-K: this program covers K range [k_lo, k_hi). Every term of y is linear in x's
+    # K slice (x·Aᵀ too), so partial base and partial LoRA sums add up exactly.
+    k_lo = tl.program_id(2) * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -49,7 +53,7 @@ def fused_lora_linear_kernel(
     rank0 = 0
     if LORA == 1:  # adapter 0 owns rank rows offs[0]=0 .. offs[1]
         rank0 = tl.load(offs_ptr + 1)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
         x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
@@ -77,7 +81,7 @@ def fused_lora_linear_kernel(
         for r0 in range(0, MAX_RANK, BLOCK_R):
             r_ok = (r0 + rr)[None, :] < rank[:, None]  # [BLOCK_M, BLOCK_R]
             xa_g = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 kk = k0 + rk
                 k_ok = kk < K
                 x = tl.load(x_ptr + rm[:, None] * K + kk[None, :],
@@ -90,10 +94,27 @@ def fused_lora_linear_kernel(
                          + rr[None, None, :],
                          mask=r_ok[:, None, :] & n_ok[None, :, None], other=0.0)
             acc += tl.sum(xa_g[:, None, :] * b3.to(tl.float32), axis=2) * row_scale[:, None]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    if HAS_BIAS:  # added once: by the first K split
+        bias = tl.load(bias_ptr + rn, mask=rn < tl.where(tl.program_id(2) == 0, N, 0),
+                       other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+    else:  # fp32 partials [SPLIT_K, M, N], summed by splitk_reduce_kernel
+        tl.store(y_ptr + tl.program_id(2) * M * N + rm[:, None] * N + rn[None, :], acc,
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def splitk_reduce_kernel(partial_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """``y[i] = Σ_s partial[s, i]`` over the flattened ``[M, N]``, in split order."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(partial_ptr + s * MN + offs, mask=ok, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def fused_forward(x: torch.Tensor, base, bias: torch.Tensor | None, lora,
@@ -130,15 +151,22 @@ def fused_forward(x: torch.Tensor, base, bias: torch.Tensor | None, lora,
     block_r = configs.GATHER_RANK_BLOCK if mode == 2 else blocks.r
     if mode == 1 and max_rank > block_r:
         raise ValueError(f"rank {max_rank} exceeds the fused kernel's rank block {block_r}")
-    grid = (triton.cdiv(m, blocks.m), triton.cdiv(n, blocks.n))
+    split = blocks.split_k
+    k_per_split = triton.cdiv(triton.cdiv(k, blocks.k), split) * blocks.k
+    out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, blocks.m), triton.cdiv(n, blocks.n), split)
     fused_lora_linear_kernel[grid](
-        x, *wa.args(), bias if bias is not None else x, y,
+        x, *wa.args(), bias if bias is not None else x, out,
         a, b, ids, offs, lscales,
-        m, n, k, r_total, max_rank, wa.groups,
+        m, n, k, r_total, max_rank, wa.groups, k_per_split,
         QUANT=wa.quantized, SCHEME=wa.scheme, GROUP=max(wa.group_size, 1),
-        HAS_BIAS=bias is not None, LORA=mode,
+        HAS_BIAS=bias is not None, LORA=mode, SPLIT_K=split,
         DOT=dot_dtype(x.dtype), PREC=dot_precision(x.dtype),
         BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, BLOCK_R=block_r,
         num_warps=blocks.num_warps,
     )
+    if split > 1:
+        block = 1024
+        splitk_reduce_kernel[(triton.cdiv(m * n, block),)](out, y, m * n, SPLIT_K=split,
+                                                           BLOCK=block)
     return y

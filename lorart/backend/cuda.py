@@ -1,0 +1,201 @@
+"""The ``cuda`` backend: hand-written CUDA decode kernels (``csrc/cuda``) for 1-16 rows.
+
+One layer is two launches (see ``csrc/cuda/decode.cu``):
+
+    shrink   t[m, j] = c_s · x[m] · A_s[j]                 fp32 [M, max_rank], with adapters
+    decode   y[m] = x[m] Wᵀ + bias + Σ_j t[m, j] B_s[:, j]   W 4-bit (asym/sym/nf4) or dense
+
+``s = adapter_ids[m]`` (``-1`` = base only; no ids = adapter 0). Both run on the
+tensor cores with fp32 accumulation for fp16 and bf16 activations. They are wrapped as
+the ``torch.library`` op ``lorart::cuda_lora_decode`` (with a fake implementation) so
+``torch.compile`` can trace them. ``backward`` delegates to the torch reference for now.
+
+Status: compiled by nvcc in CI, **never run on a GPU**; the registry therefore never
+picks this backend automatically (``LORART_BACKEND=cuda`` opts in) until
+``benchmarks/gpu_check.py`` has checked and timed it on a GPU.
+"""
+
+import importlib
+
+import torch
+
+from .. import reference
+from ..quant import QuantizedWeight
+from .base import Backend, Base, LoRAArgs
+
+MAX_ROWS = 16  # the kernels' largest M (two m8 tensor-core tiles); csrc/cuda/decode.h
+_DTYPES = (torch.float16, torch.bfloat16)
+_ACT = {torch.float16: 0, torch.bfloat16: 1}
+_SCHEME = {"asym": 0, "sym": 1, "nf4": 2}  # lorart::Scheme in csrc/common/quant_math.h
+_UNVERIFIED = "unverified on a GPU"
+
+
+def _module():
+    """The compiled ``lorart._C_cuda``; raises ImportError when it was not built."""
+    return importlib.import_module("lorart._C_cuda")
+
+
+def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself, or a fresh (allocator-aligned) copy when its data is not 16-byte aligned.
+
+    The wide paths read 16 bytes at a time; a view with an odd storage offset would
+    fault there, so it is copied (rare: tensors from the allocator are aligned).
+    """
+    if t is None or t.data_ptr() % 16 == 0:
+        return t
+    return t.clone()
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+# --------------------------------------------------------------------------- the op
+@torch.library.custom_op("lorart::cuda_lora_decode", mutates_args=(), device_types="cuda")
+def cuda_lora_decode(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    offsets: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    rank_offsets: torch.Tensor | None,
+    lora_scales: torch.Tensor | None,
+    adapter_ids: torch.Tensor | None,
+    group_size: int,
+    scheme: int,
+    max_rank: int,
+) -> torch.Tensor:
+    """``y [M, N]`` in x's dtype for ``M <= 16`` rows (see the module doc).
+
+    Args:
+        x: ``[M, K]`` float16 | bfloat16, contiguous.
+        weight: packed ``qweight`` uint8 ``[N, K/2]`` (then ``scales`` ``[N, K/g]``
+            float16|float32, ``offsets`` likewise for asym) or dense ``[N, K]`` in x's dtype.
+        bias: ``[N]`` or None.
+        lora_a, lora_b: ``[R, K]`` and ``[N, R]`` in x's dtype, or None (base only).
+        rank_offsets: int64 ``[S+1]`` and lora_scales float32 ``[S]`` on x's device.
+        adapter_ids: int32 ``[M]`` in ``-1..S-1``, or None (every row uses adapter 0).
+        group_size, scheme: of the packed weight (scheme 0 asym, 1 sym, 2 nf4).
+        max_rank: the largest adapter rank (row stride of the fp32 shrink output).
+    """
+    mod = _module()
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    quantized = weight.dtype == torch.uint8
+    x = _aligned(x)
+    if quantized:
+        weight = _aligned(weight)
+    act = _ACT[x.dtype]
+    with torch.cuda.device(x.device):  # the launcher sizes the grid for the current device
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        t = None
+        if lora_a is not None and max_rank > 0:
+            t = torch.empty(m, max_rank, dtype=torch.float32, device=x.device)
+            mod.lora_shrink(t=t.data_ptr(), x=x.data_ptr(), lora_a=lora_a.data_ptr(),
+                            rank_offsets=_ptr(rank_offsets), lora_scales=_ptr(lora_scales),
+                            adapter_ids=_ptr(adapter_ids), m=m, k=k, ldt=max_rank, act=act,
+                            stream=stream)
+        mod.lora_decode(
+            y=y.data_ptr(), x=x.data_ptr(), weight=weight.data_ptr(), scales=_ptr(scales),
+            offsets=_ptr(offsets), bias=_ptr(bias), lora_b=_ptr(lora_b if t is not None else None),
+            lora_t=_ptr(t), rank_offsets=_ptr(rank_offsets), adapter_ids=_ptr(adapter_ids),
+            m=m, n=n, k=k, ldb=0 if lora_b is None else lora_b.shape[1],
+            ldt=max_rank, group_size=group_size, scheme=scheme, quantized=quantized,
+            scales_f32=scales is not None and scales.dtype == torch.float32, act=act,
+            stream=stream)
+    return y
+
+
+@cuda_lora_decode.register_fake
+def _cuda_lora_decode_fake(x, weight, scales, offsets, bias, lora_a, lora_b, rank_offsets,
+                           lora_scales, adapter_ids, group_size, scheme, max_rank):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+# --------------------------------------------------------------------------- backend
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def __init__(self) -> None:
+        # Device copies of (rank_offsets, scales), keyed by their values: the op surface
+        # hands Python lists, and re-uploading them every layer would cost a copy each.
+        self._meta: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def status(self) -> tuple[bool, str]:
+        try:
+            mod = _module()
+        except ImportError as exc:
+            return False, (f"lorart._C_cuda is not built (no CUDA toolkit when lorart was "
+                           f"installed?): {exc}; {_UNVERIFIED}")
+        built = f"built for {mod.ARCHS or '?'} with CUDA runtime {mod.runtime_version()}"
+        if not torch.cuda.is_available():
+            return False, f"no CUDA GPU visible (module {built}); {_UNVERIFIED}"
+        driver = mod.driver_version()
+        if driver < mod.runtime_version():
+            return False, (f"the installed driver supports CUDA {driver}, older than the "
+                           f"module's runtime (module {built}); {_UNVERIFIED}")
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:
+            return False, f"needs compute capability 8.0+, GPU has {major}.{minor}; {_UNVERIFIED}"
+        return True, (f"CUDA decode kernels for 1-{MAX_ROWS} rows ({built}); {_UNVERIFIED}, "
+                      f"opt in with LORART_BACKEND=cuda")
+
+    def unsupported(self, x: torch.Tensor, base: Base, lora: LoRAArgs | None) -> str | None:
+        if x.device.type != "cuda":
+            return f"the cuda backend runs CUDA tensors, got {x.device.type}"
+        if x.dtype not in _DTYPES:
+            return f"no CUDA kernel for dtype={x.dtype} (float16 and bfloat16 only)"
+        if x.shape[0] > MAX_ROWS:
+            return f"the CUDA decode kernels take at most {MAX_ROWS} rows, got M={x.shape[0]}"
+        if isinstance(base, QuantizedWeight):
+            if base.scheme not in _SCHEME:
+                return f"no CUDA kernel for scheme={base.scheme!r}"
+        elif base.dtype != x.dtype:
+            return f"dense base dtype {base.dtype} differs from x dtype {x.dtype}"
+        if lora is not None and (lora.a.dtype != x.dtype or lora.b.dtype != x.dtype):
+            return "adapters must be in x's dtype"
+        return None
+
+    def _adapter_meta(self, lora: LoRAArgs, device: torch.device):
+        key = (tuple(lora.rank_offsets), tuple(lora.scales), str(device))
+        meta = self._meta.get(key)
+        if meta is None:
+            if len(self._meta) >= 256:  # bounded: adapters come and go
+                self._meta.clear()
+            meta = (torch.tensor(lora.rank_offsets, dtype=torch.int64, device=device),
+                    torch.tensor(lora.scales, dtype=torch.float32, device=device))
+            self._meta[key] = meta
+        return meta
+
+    def forward(self, x, base, bias, lora, adapter_ids, segments=None):
+        if isinstance(base, QuantizedWeight):
+            weight, scales = base.qweight.contiguous(), base.scales.contiguous()
+            offsets = None if base.offsets is None else base.offsets.contiguous()
+            group_size, scheme = base.group_size, _SCHEME[base.scheme]
+        else:
+            weight, scales, offsets, group_size, scheme = base, None, None, 0, 0
+        a = b = offs = lora_scales = None
+        max_rank = 0
+        if lora is not None and lora.max_rank > 0:
+            a, b, max_rank = lora.a, lora.b, lora.max_rank
+            offs, lora_scales = self._adapter_meta(lora, x.device)
+        bias = None if bias is None else bias.contiguous()
+        ids = None if adapter_ids is None else adapter_ids.to(torch.int32).contiguous()
+        return torch.ops.lorart.cuda_lora_decode(x, weight, scales, offsets, bias, a, b, offs,
+                                                 lora_scales, ids, group_size, scheme, max_rank)
+
+    def backward(self, dy, x, base, lora, adapter_ids, need_dx, need_dlora, segments=None):
+        # Decode is inference; training runs through the torch reference (or pick the
+        # triton backend, which has backward kernels) until CUDA backward kernels exist.
+        if lora is None:
+            dx, _, _ = reference.lora_backward(dy, x, base, None, None, [0], [], adapter_ids)
+            return dx, None, None
+        dx, da, db = reference.lora_backward(dy, x, base, lora.a, lora.b, lora.rank_offsets,
+                                             lora.scales, adapter_ids)
+        return (dx if need_dx else None, da if need_dlora else None,
+                db if need_dlora else None)

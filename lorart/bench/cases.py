@@ -159,7 +159,7 @@ def _quick_cases() -> list[Case]:
         LayerCase(s, 32, base="dense"),
         LayerCase(s, 32, adapters=8, popularity="zipf"),
         LayerCase(s, 32, direction="train"),
-        EndToEndCase("smollm2-135m", "generate", adapters=4, tokens=8, batch=4),
+        EndToEndCase("smollm2-135m", "generate", adapters=2, tokens=4, batch=2),
     ]
 
 

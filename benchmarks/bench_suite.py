@@ -1,0 +1,75 @@
+"""pytest-benchmark over the same case table as ``lorart bench`` (``lorart/bench/cases.py``).
+
+    pytest benchmarks/bench_suite.py                                # quick cases
+    LORART_BENCH_MODE=tiny pytest benchmarks/bench_suite.py         # seconds
+    LORART_BENCH_MODE=full LORART_BENCH_CASES='llama3-8b' pytest benchmarks/bench_suite.py
+    pytest benchmarks/bench_suite.py -k 'lorart or peft_unfused' --benchmark-json out.json
+
+One test per (case, implementation): each lorart backend and each baseline of
+``lorart.bench.impls``; an implementation that cannot run a case is skipped with the
+reason. ``extra_info`` carries the case, its ideal bytes and FLOPs, so GB/s and FLOP/s
+can be derived from the saved JSON. ``lorart bench`` adds the measured ceilings, the
+speedup columns, the plots and ``--compare``; this file lets ``pytest benchmarks/``
+cover the same cases with pytest-benchmark's own statistics and storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+from lorart.bench import cases as case_table
+from lorart.bench.impls import all_impls, forced_backend
+from lorart.bench.inputs import make_inputs
+from lorart.bench.suite import case_work
+from lorart.bench.timing import synchronizer
+
+MODE = os.environ.get("LORART_BENCH_MODE", "quick")
+DEVICE = torch.device(os.environ.get("LORART_BENCH_DEVICE")
+                      or ("cuda" if torch.cuda.is_available() else "cpu"))
+CASES = [c for c in case_table.select(MODE, os.environ.get("LORART_BENCH_CASES"))
+         if c.kind == "layer"]
+IMPLS = all_impls(DEVICE)
+# Case-major order, so the inputs of one case are built once and dropped before the next.
+PAIRS = [pytest.param(case, impl, id=f"{case.id}|{impl.name}") for case in CASES
+         for impl in IMPLS]
+
+
+@pytest.fixture(scope="module")
+def inputs_of():
+    cache: dict = {}
+
+    def get(case):
+        if case.id not in cache:
+            cache.clear()
+            cache[case.id] = make_inputs(case, DEVICE)
+        return cache[case.id]
+
+    yield get
+    cache.clear()
+
+
+@pytest.mark.parametrize("case, impl", PAIRS)
+def test_case(benchmark, inputs_of, case, impl):
+    inp = inputs_of(case)
+    nbytes, flops = case_work(case, inp)
+    benchmark.extra_info.update(case=case.id, impl=impl.name, params=case.describe(),
+                                bytes=nbytes, flops=flops, device=str(DEVICE))
+    sync = synchronizer(DEVICE)
+    with forced_backend(impl.backend):
+        fn = impl.prepare(case, inp, DEVICE)
+        if isinstance(fn, str):
+            pytest.skip(fn)
+
+        def call():
+            fn()
+            sync()
+
+        grad = torch.no_grad() if case.direction == "fwd" else contextlib.nullcontext()
+        with grad:
+            call()  # warm-up: lazy init, caches and the allocator are not what we time
+            call()
+            benchmark(call)

@@ -38,6 +38,7 @@ this is a ``--dry-run``; each dict is one table row with keys ``name`` (str), ``
 ``gbps`` (float or None), ``tflops`` (float or None), ``max_err`` (float), ``ok``
 (bool: correct against the reference) and ``note`` (str). An exception in it becomes
 one row with ``ok`` False and the error as its note; it never stops the Triton report.
+Its time is not covered by ``--budget-s``: keep it to about a minute on an H200.
 """
 
 from __future__ import annotations

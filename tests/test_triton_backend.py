@@ -81,8 +81,20 @@ def test_status_and_device_rules(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "TRITON_INTERPRET" in backend.unsupported(x, x, None)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # As in a fresh process (on a GPU machine the kernels may already be compiled).
+    monkeypatch.delitem(sys.modules, "lorart.backend.triton.fused_linear", raising=False)
     assert backend.unsupported(x, x, None) is None
     assert "float64" in backend.unsupported(x.double(), x.double(), None)
+
+
+def test_cpu_tensors_refused_when_kernels_were_built_for_a_gpu(monkeypatch):
+    import types
+
+    fake = types.SimpleNamespace(fused_lora_linear_kernel=object())  # not interpreted
+    monkeypatch.setitem(sys.modules, "lorart.backend.triton.fused_linear", fake)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(2, 32)
+    assert "before the first Triton call" in TritonBackend().unsupported(x, x, None)
 
 
 def test_status_without_triton(monkeypatch):

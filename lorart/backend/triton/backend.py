@@ -37,11 +37,14 @@ class TritonBackend(Backend):
                      f"TRITON_INTERPRET=1)"
 
     def unsupported(self, x: torch.Tensor, base: Base, lora: LoRAArgs | None) -> str | None:
-        from .launch import interpreting
+        from .launch import interpreting, kernels_interpreted
 
         if x.device.type == "cpu":
             if not interpreting():
                 return "CPU tensors run the Triton kernels only with TRITON_INTERPRET=1"
+            if not kernels_interpreted():
+                return ("the Triton kernels were built for the GPU before TRITON_INTERPRET=1 "
+                        "was set; set it before the first Triton call to run CPU tensors")
         elif x.device.type != "cuda":
             return f"the triton backend runs CUDA tensors, got {x.device.type}"
         if x.dtype not in _DTYPES:

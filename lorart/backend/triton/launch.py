@@ -13,6 +13,7 @@ chooses the ``tl.dot`` operand dtype per call:
 from __future__ import annotations
 
 import os
+import sys
 from collections import OrderedDict
 
 import torch
@@ -29,6 +30,17 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 def interpreting() -> bool:
     """Whether kernels run in Triton's CPU interpreter (read at call time, never at import)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernels_interpreted() -> bool:
+    """False if the kernels were already built for a GPU (TRITON_INTERPRET unset when they
+    were first imported); triton fixes that choice when it decorates a kernel."""
+    module = sys.modules.get("lorart.backend.triton.fused_linear")
+    if module is None:
+        return True
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(module.fused_lora_linear_kernel, InterpretedFunction)
 
 
 def dot_dtype(dtype: torch.dtype):
@@ -110,9 +122,10 @@ def batch_segments(adapter_ids: torch.Tensor | None, num_adapters: int, m: int,
     if segments is not None:
         order, seg_starts, _ = segments()
         return order, seg_starts
-    if adapter_ids is None:
+    if adapter_ids is None:  # device-side fills only: no host-to-device copy (graph-safe)
         order = torch.arange(m, dtype=torch.int64, device=device)
-        seg_starts = torch.tensor([0, 0] + [m] * num_adapters, dtype=torch.int64, device=device)
+        seg_starts = torch.full((num_adapters + 2,), m, dtype=torch.int64, device=device)
+        seg_starts[:2] = 0
         return order, seg_starts
     from ...adapters import AdapterBatch
 

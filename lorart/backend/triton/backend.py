@@ -26,15 +26,25 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class TritonBackend(Backend):
     name = "triton"
 
+    def __init__(self) -> None:
+        self._status: tuple[bool, str] | None = None
+
     def status(self) -> tuple[bool, str]:
+        # Asked at every dispatch: the import check runs once per backend instance.
+        if self._status is None:
+            self._status = self._check_triton()
+        return self._status
+
+    @staticmethod
+    def _check_triton() -> tuple[bool, str]:
         if importlib.util.find_spec("triton") is None:
             return False, "triton is not importable (pip install triton)"
         try:
             import triton
         except Exception as exc:  # a broken install: say what broke
             return False, f"triton failed to import: {type(exc).__name__}: {exc}"
-        return True, f"triton {triton.__version__} (CUDA tensors; CPU tensors with " \
-                     f"TRITON_INTERPRET=1)"
+        return True, (f"triton {triton.__version__} (CUDA tensors; CPU tensors with "
+                      f"TRITON_INTERPRET=1)")
 
     def unsupported(self, x: torch.Tensor, base: Base, lora: LoRAArgs | None) -> str | None:
         from .launch import interpreting, kernels_interpreted

@@ -94,3 +94,30 @@ def test_refuses_a_real_run_without_a_gpu(capsys):
         pytest.skip("a GPU is present; the real run is not a unit test")
     assert gpu_check.main([]) == 2
     assert "--dry-run" in capsys.readouterr().err
+
+
+def test_rotated_copies_are_independent_equal_weights():
+    import torch
+
+    import lorart
+
+    qw = lorart.quantize(torch.randn(8, 64), 32, "asym")
+    copies = gpu_check.rotated_copies(qw, 3)
+    assert len(copies) == 3 and copies[0] is qw
+    assert copies[1].qweight.data_ptr() != qw.qweight.data_ptr()
+    assert torch.equal(copies[2].dequantize(), qw.dequantize())
+    dense = torch.randn(4, 4)
+    assert gpu_check.rotated_copies(dense, 1) == [dense]
+
+
+def test_work_model_counts_the_packed_weight():
+    import torch
+
+    import lorart
+
+    case = gpu_check.Case("decode", 64, 128, 1, 8)
+    qw = lorart.quantize(torch.randn(64, 128), 128, "asym")
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    nbytes, flops = gpu_check.case_work(case, qw, None, x)
+    assert nbytes == 64 * 64 + 2 * 64 * 2 + 8 * (128 + 64) * 2 + (128 + 64) * 2
+    assert flops == 2 * 64 * 128 + 2 * 8 * (128 + 64)

@@ -306,3 +306,32 @@ def test_hf_trainer_trains_only_lora(tmp_path):
     for k, v in model.state_dict().items():
         if k in frozen:
             assert torch.equal(v, frozen[k]), f"{k} changed"
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_trains_a_transformers_model_by_path(tmp_path, smol_tokenizer):
+    """``lorart train --base <dir>``: AutoModelForCausalLM, 4-bit patch, two adapters,
+    PEFT files, a checkpoint and a log; then ``--resume`` continues to more steps."""
+    from lorart.commands.train import main
+
+    model, tok = _tiny_for_tokenizer(smol_tokenizer)
+    lorart.unpatch(model)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    data = {"x": _jsonl(tmp_path / "x.jsonl", 6, "x"), "y": _jsonl(tmp_path / "y.jsonl", 6, "y")}
+    out = tmp_path / "out"
+    args = ["--base", str(tmp_path / "base"), "--data", f"x={data['x']}", "--data",
+            f"y={data['y']}", "--rank", "4", "--steps", "2", "--batch-size", "4",
+            "--max-length", "48", "--output-dir", str(out), "--no-progress",
+            "--save-dtype", "bfloat16"]
+    assert main(args) == 0
+    for name in ("x", "y"):
+        cfg = json.loads((out / name / "adapter_config.json").read_text())
+        assert cfg["r"] == 4 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps"] == 2 and len(log["history"]) == 2
+    assert (out / "checkpoint-2" / "trainer_state.pt").is_file()
+    assert main(args[:args.index("--steps") + 1] + ["3"] + args[args.index("--steps") + 2:]
+                + ["--resume"]) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps"] == 3 and len(log["history"]) == 1  # one more step after resuming

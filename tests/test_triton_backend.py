@@ -249,6 +249,21 @@ def test_all_rows_base_only_or_no_rows(m):
     assert_close(y, reference_forward(x, base, None, stack, ids), torch.float16)
 
 
+def test_strided_bias_and_transposed_quantized_tensors():
+    n, k = 10, 64
+    qw = make_base("asym-g32-fp32", n, k, torch.float32)
+    # Same values, non-contiguous storage (as a converter's transpose may leave them).
+    qw.scales = qw.scales.T.contiguous().T
+    qw.offsets = qw.offsets.T.contiguous().T
+    assert not qw.scales.is_contiguous()
+    bias = torch.randn(2 * n, device=DEVICE)[::2]
+    stack = make_stack([3], n, k, torch.float32)
+    a, b, scale = stack.adapter(0)
+    x = torch.randn(4, k, device=DEVICE)
+    y = lorart.lora_linear(x, qw, a, b, scale, bias)
+    assert_close(y, reference_forward(x, qw, bias, stack, None), torch.float32)
+
+
 def test_zero_rows_single_adapter():
     base = make_base("dense", 7, 16, torch.float32)
     stack = make_stack([3], 7, 16, torch.float32)

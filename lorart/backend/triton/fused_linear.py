@@ -131,6 +131,7 @@ def fused_forward(x: torch.Tensor, base, bias: torch.Tensor | None, lora,
         gather: per-row adapters (mode 2) instead of one adapter for all rows (mode 1).
     """
     m, k = x.shape
+    bias = None if bias is None else bias.contiguous()  # the op surface may pass a view
     wa = WeightArgs(base, x)
     n = wa.n
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)

@@ -62,16 +62,18 @@ class WeightArgs:
     def __init__(self, base: torch.Tensor | QuantizedWeight, like: torch.Tensor):
         self.quantized = isinstance(base, QuantizedWeight)
         self.n, self.k = base.shape
+        # Kernels index with row-major strides; .contiguous() is free when already so
+        # (QuantizedWeight does not require it, e.g. after a converter's transpose).
         if self.quantized:
             self.w = like  # unused placeholder pointer
-            self.qweight, self.scales = base.qweight, base.scales
-            self.offsets = base.offsets if base.offsets is not None else base.scales
+            self.qweight, self.scales = base.qweight.contiguous(), base.scales.contiguous()
+            self.offsets = (base.offsets if base.offsets is not None else base.scales).contiguous()
             self.table = _code_table(base.scheme, base.device)
             self.group_size = base.group_size
             self.groups = self.k // base.group_size
             self.scheme = SCHEME_IDS[base.scheme]
         else:
-            self.w = base
+            self.w = base.contiguous()
             self.qweight = self.scales = self.offsets = self.table = like
             self.group_size, self.groups, self.scheme = 0, 1, 0
 

@@ -8,13 +8,17 @@
 //     barrier. The tiny launch reads each used A row once; t (<= 16 x 128 floats) then
 //     sits in L2 for the fused kernel.
 //  2. decode_kernel: one block of 8 warps per 16 * NT output features. The packed weight
-//     is streamed once with 16-byte loads that bypass L1 (each byte is used once),
+//     is streamed once with 16-byte loads that bypass L1 (each byte is used once; the
+//     next chunk's loads are issued before the current one is dequantized),
 //     dequantized in registers into fp16/bf16, and multiplied with all M rows on the
 //     tensor cores (mma.m16n8k16, fp32 accumulation; see fragments.cuh for the k-order
 //     trick that makes the packed layout MMA-friendly without re-packing). The 8 warps
 //     split K (warp w takes 128-k chunks w, w+8, ...), their partial sums meet in
 //     shared memory, and the epilogue adds bias and each row's own adapter
 //     (sum_j t[m, j] B[n, lo_s + j]) before writing y once.
+//     Dequantization: fp16 activations with fp16 scales (asym/sym) take a packed-half
+//     path (two weights per LOP3 + HSUB2 + HFMA2); bf16, fp32 scales and nf4 take an
+//     fp32 path (quant_math.h's dequantize_value, then one rounding to the MMA type).
 //
 // Activations are read by each warp straight from global memory through L1 rather
 // than staged in shared memory: with split-K every 128-k chunk of x is used by exactly
@@ -23,11 +27,12 @@
 // L2 (x is at most 16 x K x 2 bytes, e.g. 256 KiB at K = 8192).
 //
 // None of this has run on a GPU yet: the tile shapes (8 warps, NT in {1, 2}, the NT
-// switch point, the 2x unroll) are reasoned, not measured.
+// switch point, one chunk of prefetch, 2 blocks per SM) are reasoned, not measured.
 #include <cuda_runtime.h>
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "common/quant_math.h"
 #include "cuda/check.cuh"
@@ -64,88 +69,198 @@ __device__ __forceinline__ void dequant_step(const uint32_t (&codes)[4], int s, 
   hi_pair = ActTraits<T>::pack(v[2], v[3]);
 }
 
-// The k-loop of one warp: accumulates its share of K into acc for NT n-tiles.
-template <typename T, typename ScaleT, int MT, int NT, bool kQuant, bool kVec, bool kTable>
-__device__ __forceinline__ void main_loop(const DecodeArgs& args, int64_t n_base, int warp, int g,
-                                          int t, const float* table, float (&acc)[NT][MT / 8][4]) {
-  constexpr int kMHalves = MT / 8;
-  const int64_t M = args.m, N = args.n, K = args.k;
-  const auto* x = static_cast<const T*>(args.x);
-  const float code_bias = args.scheme == static_cast<int>(Scheme::kSym) ? 8388616.0f : 8388608.0f;
-  const int64_t num_chunks = (K + kChunkK - 1) / kChunkK;
+// fp16 fast path (fp16 activations, fp16 scales, asym/sym): two codes per instruction.
+// (v & 0x000f000f) | 0x64006400 turns the nibbles at bits 0 and 16 of v into the fp16
+// pair (1024 + q_a, 1024 + q_b); subtracting 1024 (1032 for sym) is exact, and one
+// HFMA2 q * scale + offset rounds once, so each weight is the correctly rounded fp16 of
+// its exact value (no worse than the fp32 path's rounding). Word w of a lane's codes
+// (codes 8w .. 8w+7 of its 32) yields, shifted by 0, 4, 8, 12 bits, the pairs
+// (8w, 8w+4), (8w+1, 8w+5), (8w+2, 8w+6), (8w+3, 8w+7): MMA step 2w takes the first two
+// as its (slot 2t, 2t+1) and (slot 2t+8, 2t+9) registers, step 2w+1 the last two.
+// permute_x_pairs gives the activations the same k-order.
+__device__ __forceinline__ uint32_t dequant_pair_f16(uint32_t v, __half2 code_bias, __half2 scale,
+                                                     __half2 offset) {
+  const uint32_t bits = (v & 0x000f000fu) | 0x64006400u;
+  __half2 q;
+  memcpy(&q, &bits, sizeof(bits));
+  const __half2 w = __hfma2(__hsub2(q, code_bias), scale, offset);
+  uint32_t out;
+  memcpy(&out, &w, sizeof(out));
+  return out;
+}
 
-  // Unrolled twice so a warp has both chunks' weight loads in flight at once.
-#pragma unroll 2
-  for (int64_t chunk = warp; chunk < num_chunks; chunk += kWarps) {
-    const int64_t k0 = chunk * kChunkK + kLaneK * t;  // this lane's 32 contiguous k
+__device__ __forceinline__ void dequant_step_f16(const uint32_t (&codes)[4], int s,
+                                                 __half2 code_bias, __half2 scale, __half2 offset,
+                                                 uint32_t& lo_pair, uint32_t& hi_pair) {
+  const uint32_t word = codes[s >> 1] >> ((s & 1) * 8);  // step 2w+1 starts at nibble 2
+  lo_pair = dequant_pair_f16(word, code_bias, scale, offset);
+  hi_pair = dequant_pair_f16(word >> 4, code_bias, scale, offset);
+}
 
-    // B fragments: activation rows g (and g + 8 when MT = 16), zero beyond M and K.
-    uint32_t xw[kMHalves][16];
+// Reorder one lane's 16 activation words (pairs (2i, 2i+1)) into the fast path's k-order:
+// words 4w .. 4w+3 become (8w, 8w+4), (8w+1, 8w+5), (8w+2, 8w+6), (8w+3, 8w+7).
+__device__ __forceinline__ void permute_x_pairs(uint32_t (&words)[16]) {
 #pragma unroll
-    for (int h = 0; h < kMHalves; ++h) {
-      const int64_t m = g + 8 * h;
-      const bool row_ok = m < M;
-      load_lane_k<kVec>(x + (row_ok ? m : 0) * K, k0, K, row_ok, xw[h]);
+  for (int w = 0; w < 4; ++w) {
+    const uint32_t x01 = words[4 * w], x23 = words[4 * w + 1];
+    const uint32_t x45 = words[4 * w + 2], x67 = words[4 * w + 3];
+    words[4 * w] = __byte_perm(x01, x45, 0x5410);      // (x0, x4)
+    words[4 * w + 1] = __byte_perm(x01, x45, 0x7632);  // (x1, x5)
+    words[4 * w + 2] = __byte_perm(x23, x67, 0x5410);  // (x2, x6)
+    words[4 * w + 3] = __byte_perm(x23, x67, 0x7632);  // (x3, x7)
+  }
+}
+
+// One lane's packed codes and group parameters of rows g and g + 8 for one chunk.
+struct QuantLane {
+  uint32_t codes[2][4];
+  float scale[2];
+  float offset[2];
+};
+
+template <typename ScaleT>
+__device__ __forceinline__ void load_quant_lane(const DecodeArgs& args, int64_t row0, int64_t k0,
+                                                QuantLane& q) {
+  const auto* qweight = static_cast<const uint8_t*>(args.weight);
+  const auto* scales = static_cast<const ScaleT*>(args.scales);
+  const auto* offsets = static_cast<const ScaleT*>(args.offsets);
+  const int64_t N = args.n, K = args.k;
+  const int64_t groups = K / args.group_size;
+  const int64_t group = k0 / args.group_size;  // a lane's 32 k lie in one group
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t n = row0 + 8 * r;
+    // K % 32 == 0 for packed weights, so a lane's 32 k are all in or all out.
+    const bool ok = n < N && k0 < K;
+    const uint4 v = ok ? load_streaming(qweight + n * (K / 2) + k0 / 2) : make_uint4(0, 0, 0, 0);
+    store_words(q.codes[r], v);
+    q.scale[r] = ok ? load_scale(scales, n * groups + group) : 0.0f;
+    q.offset[r] = ok && offsets != nullptr ? load_scale(offsets, n * groups + group) : 0.0f;
+  }
+}
+
+// B fragments of one chunk: activation rows g (and g + 8 when MT = 16), zero beyond M, K.
+template <typename T, int MT, bool kVec, bool kHalf2>
+__device__ __forceinline__ void load_x_lane(const DecodeArgs& args, int g, int64_t k0,
+                                            uint32_t (&xw)[MT / 8][16]) {
+  const auto* x = static_cast<const T*>(args.x);
+#pragma unroll
+  for (int h = 0; h < MT / 8; ++h) {
+    const int64_t m = g + 8 * h;
+    const bool row_ok = m < args.m;
+    load_lane_k<kVec>(x + (row_ok ? m : 0) * args.k, k0, args.k, row_ok, xw[h]);
+    if constexpr (kHalf2) permute_x_pairs(xw[h]);
+  }
+}
+
+// The k-loop of one warp over a packed weight: accumulates its share of K into acc.
+// The next chunk's codes and scales are loaded before this chunk is dequantized, so
+// each lane keeps 2 x NT x 2 16-byte weight loads in flight (only 8 registers each).
+template <typename T, typename ScaleT, int MT, int NT, bool kTable>
+__device__ __forceinline__ void quant_loop(const DecodeArgs& args, int64_t n_base, int warp, int g,
+                                           int t, const float* table, float (&acc)[NT][MT / 8][4]) {
+  constexpr int kMHalves = MT / 8;
+  constexpr bool kHalf2 = !kTable && std::is_same_v<T, __half> && std::is_same_v<ScaleT, __half>;
+  const bool sym = args.scheme == static_cast<int>(Scheme::kSym);
+  const float code_bias = sym ? 8388616.0f : 8388608.0f;
+  const __half2 code_bias2 = __float2half2_rn(sym ? 1032.0f : 1024.0f);
+  const int64_t num_chunks = (args.k + kChunkK - 1) / kChunkK;
+  const int64_t lane_k = kLaneK * t;
+
+  QuantLane next[NT];
+  if (warp < num_chunks) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      load_quant_lane<ScaleT>(args, n_base + 16 * nt + g, warp * kChunkK + lane_k, next[nt]);
     }
+  }
+#pragma unroll 1
+  for (int64_t chunk = warp; chunk < num_chunks; chunk += kWarps) {
+    QuantLane cur[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) cur[nt] = next[nt];
+    const int64_t following = chunk + kWarps;
+    if (following < num_chunks) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        load_quant_lane<ScaleT>(args, n_base + 16 * nt + g, following * kChunkK + lane_k, next[nt]);
+      }
+    }
+    uint32_t xw[kMHalves][16];
+    load_x_lane<T, MT, true, kHalf2>(args, g, chunk * kChunkK + lane_k, xw);
 
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      uint32_t a[4];
-      if constexpr (kQuant) {
-        const auto* qweight = static_cast<const uint8_t*>(args.weight);
-        const auto* scales = static_cast<const ScaleT*>(args.scales);
-        const auto* offsets = static_cast<const ScaleT*>(args.offsets);
-        const int64_t groups = K / args.group_size;
-        const int64_t group = k0 / args.group_size;  // a lane's 32 k lie in one group
-        uint32_t codes[2][4];
-        float scale[2], offset[2];
+      const QuantLane& q = cur[nt];
+      __half2 scale2[2], offset2[2];
+      if constexpr (kHalf2) {  // fp16 scales: the round trip through float is exact
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int64_t n = n_base + 16 * nt + g + 8 * r;
-          // K % 32 == 0 for packed weights, so a lane's 32 k are all in or all out.
-          const bool ok = n < N && k0 < K;
-          const uint4 v =
-              ok ? load_streaming(qweight + n * (K / 2) + k0 / 2) : make_uint4(0, 0, 0, 0);
-          store_words(codes[r], v);
-          scale[r] = ok ? load_scale(scales, n * groups + group) : 0.0f;
-          offset[r] = ok && offsets != nullptr ? load_scale(offsets, n * groups + group) : 0.0f;
+          scale2[r] = __float2half2_rn(q.scale[r]);
+          offset2[r] = __float2half2_rn(q.offset[r]);
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < kChunkK / 16; ++s) {
+        uint32_t a[4];
+        if constexpr (kHalf2) {
+          dequant_step_f16(q.codes[0], s, code_bias2, scale2[0], offset2[0], a[0], a[2]);
+          dequant_step_f16(q.codes[1], s, code_bias2, scale2[1], offset2[1], a[1], a[3]);
+        } else {
+          dequant_step<T, kTable>(q.codes[0], s, q.scale[0], q.offset[0], code_bias, table, a[0],
+                                  a[2]);
+          dequant_step<T, kTable>(q.codes[1], s, q.scale[1], q.offset[1], code_bias, table, a[1],
+                                  a[3]);
         }
 #pragma unroll
-        for (int s = 0; s < kChunkK / 16; ++s) {
-          dequant_step<T, kTable>(codes[0], s, scale[0], offset[0], code_bias, table, a[0], a[2]);
-          dequant_step<T, kTable>(codes[1], s, scale[1], offset[1], code_bias, table, a[1], a[3]);
-#pragma unroll
-          for (int h = 0; h < kMHalves; ++h) {
-            mma_16816<T>(acc[nt][h], a, xw[h][2 * s], xw[h][2 * s + 1]);
-          }
-        }
-      } else {
-        const auto* weight = static_cast<const T*>(args.weight);
-        uint32_t w[2][16];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int64_t n = n_base + 16 * nt + g + 8 * r;
-          const bool row_ok = n < N;
-          load_lane_k_streaming<kVec>(weight + (row_ok ? n : 0) * K, k0, K, row_ok, w[r]);
-        }
-#pragma unroll
-        for (int s = 0; s < kChunkK / 16; ++s) {
-          a[0] = w[0][2 * s];
-          a[1] = w[1][2 * s];
-          a[2] = w[0][2 * s + 1];
-          a[3] = w[1][2 * s + 1];
-#pragma unroll
-          for (int h = 0; h < kMHalves; ++h) {
-            mma_16816<T>(acc[nt][h], a, xw[h][2 * s], xw[h][2 * s + 1]);
-          }
+        for (int h = 0; h < kMHalves; ++h) {
+          mma_16816<T>(acc[nt][h], a, xw[h][2 * s], xw[h][2 * s + 1]);
         }
       }
     }
   }
 }
 
+// The k-loop of one warp over a dense fp16/bf16 weight (64 bytes per row per lane and
+// chunk already keep enough loads in flight; no prefetch).
+template <typename T, int MT, int NT, bool kVec>
+__device__ __forceinline__ void dense_loop(const DecodeArgs& args, int64_t n_base, int warp, int g,
+                                           int t, float (&acc)[NT][MT / 8][4]) {
+  constexpr int kMHalves = MT / 8;
+  const int64_t N = args.n, K = args.k;
+  const auto* weight = static_cast<const T*>(args.weight);
+  const int64_t num_chunks = (K + kChunkK - 1) / kChunkK;
+#pragma unroll 1
+  for (int64_t chunk = warp; chunk < num_chunks; chunk += kWarps) {
+    const int64_t k0 = chunk * kChunkK + kLaneK * t;  // this lane's 32 contiguous k
+    uint32_t xw[kMHalves][16];
+    load_x_lane<T, MT, kVec, false>(args, g, k0, xw);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t w[2][16];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t n = n_base + 16 * nt + g + 8 * r;
+        const bool row_ok = n < N;
+        load_lane_k_streaming<kVec>(weight + (row_ok ? n : 0) * K, k0, K, row_ok, w[r]);
+      }
+#pragma unroll
+      for (int s = 0; s < kChunkK / 16; ++s) {
+        const uint32_t a[4] = {w[0][2 * s], w[1][2 * s], w[0][2 * s + 1], w[1][2 * s + 1]};
+#pragma unroll
+        for (int h = 0; h < kMHalves; ++h) {
+          mma_16816<T>(acc[nt][h], a, xw[h][2 * s], xw[h][2 * s + 1]);
+        }
+      }
+    }
+  }
+}
+
+// Two blocks (16 warps) per SM caps registers at 128, which every wide-load variant
+// fits without spilling (ptxas -warn-spills is an error in the build); the narrow dense
+// fallback (odd K) needs ~160 and gets one block per SM.
 template <typename T, typename ScaleT, int MT, int NT, bool kQuant, bool kVec>
-__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeArgs args) {
+__global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) decode_kernel(const DecodeArgs args) {
   constexpr int kMHalves = MT / 8;
   constexpr int kTileN = 16 * NT;
   __shared__ float table[16];
@@ -177,10 +292,14 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeArgs args)
   }
   // The branch is uniform and hoisted out of the k-loop: nf4 looks codes up in the
   // shared table, asym/sym compute them (no shared-memory traffic per element).
-  if (use_table) {
-    main_loop<T, ScaleT, MT, NT, kQuant, kVec, true>(args, n_base, warp, g, t, table, acc);
+  if constexpr (kQuant) {
+    if (use_table) {
+      quant_loop<T, ScaleT, MT, NT, true>(args, n_base, warp, g, t, table, acc);
+    } else {
+      quant_loop<T, ScaleT, MT, NT, false>(args, n_base, warp, g, t, table, acc);
+    }
   } else {
-    main_loop<T, ScaleT, MT, NT, kQuant, kVec, false>(args, n_base, warp, g, t, table, acc);
+    dense_loop<T, MT, NT, kVec>(args, n_base, warp, g, t, acc);
   }
 
   // C fragment of lane (g, t): e = 0, 1 -> (n = g, m = 2t + e); e = 2, 3 -> (n = g + 8, ...).
@@ -290,12 +409,18 @@ void launch_tiles(const DecodeArgs& args, cudaStream_t stream) {
 template <typename T, typename ScaleT, bool kQuant, bool kVec>
 void dispatch_tiles(const DecodeArgs& args, cudaStream_t stream) {
   const int64_t n_tiles = (args.n + 15) / 16;
-  const bool two_tiles = n_tiles >= kTwoTileBlocksPerSm * sm_count();
+  // Dense weights: 4x the bytes per k of packed ones, so the x traffic a second n-tile
+  // saves matters 4x less, and the extra 32 weight registers would cost occupancy.
+  const bool two_tiles = kQuant && n_tiles >= kTwoTileBlocksPerSm * sm_count();
   if (args.m <= 8) {
-    if (two_tiles) return launch_tiles<T, ScaleT, 8, 2, kQuant, kVec>(args, stream);
+    if constexpr (kQuant) {
+      if (two_tiles) return launch_tiles<T, ScaleT, 8, 2, kQuant, kVec>(args, stream);
+    }
     return launch_tiles<T, ScaleT, 8, 1, kQuant, kVec>(args, stream);
   }
-  if (two_tiles) return launch_tiles<T, ScaleT, 16, 2, kQuant, kVec>(args, stream);
+  if constexpr (kQuant) {
+    if (two_tiles) return launch_tiles<T, ScaleT, 16, 2, kQuant, kVec>(args, stream);
+  }
   return launch_tiles<T, ScaleT, 16, 1, kQuant, kVec>(args, stream);
 }
 

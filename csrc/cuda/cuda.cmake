@@ -25,10 +25,16 @@ set_target_properties(lorart_cuda_kernels PROPERTIES
   POSITION_INDEPENDENT_CODE ON
   CUDA_VISIBILITY_PRESET hidden
   CXX_VISIBILITY_PRESET hidden)
-# Every warning is an error, including ptxas's register spills and local-memory use.
+# ptxas reports register spills and local-memory use as warnings. LORART_CUDA_WERROR=ON
+# (set by .ci/cuda_check) makes every warning an error; package builds keep it OFF so a
+# newer nvcc's new warnings never break `pip install` on a user's machine.
+option(LORART_CUDA_WERROR "Treat CUDA kernel build warnings as errors" OFF)
 target_compile_options(lorart_cuda_kernels PRIVATE
-  $<$<COMPILE_LANGUAGE:CUDA>:-O3 --Werror=all-warnings -Xcompiler=-Wall,-Wextra,-Werror
-  -Xptxas=-warn-spills,-warn-lmem-usage,-Werror>)
+  $<$<COMPILE_LANGUAGE:CUDA>:-O3 -Xcompiler=-Wall,-Wextra -Xptxas=-warn-spills,-warn-lmem-usage>)
+if(LORART_CUDA_WERROR)
+  target_compile_options(lorart_cuda_kernels PRIVATE
+    $<$<COMPILE_LANGUAGE:CUDA>:--Werror=all-warnings -Xcompiler=-Werror -Xptxas=-Werror>)
+endif()
 target_link_libraries(lorart_cuda_kernels PUBLIC CUDA::cudart_static)
 
 pybind11_add_module(_C_cuda ${LORART_CUDA_DIR}/module.cpp)
@@ -37,7 +43,10 @@ target_link_libraries(_C_cuda PRIVATE lorart_cuda_kernels)
 string(REPLACE ";" " " LORART_CUDA_ARCHS_TEXT "${LORART_CUDA_ARCHITECTURES}")
 target_compile_definitions(_C_cuda PRIVATE LORART_CUDA_ARCHS="${LORART_CUDA_ARCHS_TEXT}")
 if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
-  target_compile_options(_C_cuda PRIVATE -O2 -Wall -Wextra -Werror)
+  target_compile_options(_C_cuda PRIVATE -O2 -Wall -Wextra)
+  if(LORART_CUDA_WERROR)
+    target_compile_options(_C_cuda PRIVATE -Werror)
+  endif()
 endif()
 
 install(TARGETS _C_cuda LIBRARY DESTINATION lorart)

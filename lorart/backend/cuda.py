@@ -87,9 +87,19 @@ def cuda_lora_decode(
     if m == 0:
         return y
     quantized = weight.dtype == torch.uint8
-    x = _aligned(x)
+    # The kernels index row-major contiguous buffers; these are no-ops for the op
+    # surface's already contiguous tensors and make direct calls of the op safe.
+    x, weight = _aligned(x.contiguous()), weight.contiguous()
     if quantized:
         weight = _aligned(weight)
+    scales, offsets, bias, lora_a, lora_b = (
+        None if v is None else v.contiguous() for v in (scales, offsets, bias, lora_a, lora_b))
+    if rank_offsets is not None:
+        rank_offsets = rank_offsets.to(torch.int64).contiguous()
+    if lora_scales is not None:
+        lora_scales = lora_scales.to(torch.float32).contiguous()
+    if adapter_ids is not None:
+        adapter_ids = adapter_ids.to(torch.int32).contiguous()
     act = _ACT[x.dtype]
     with torch.cuda.device(x.device):  # the launcher sizes the grid for the current device
         stream = torch.cuda.current_stream(x.device).cuda_stream

@@ -195,6 +195,6 @@ def test_end_to_end_case_says_what_it_needs(monkeypatch):
 
     monkeypatch.delattr(lorart, "from_gguf", raising=False)
     case = cases.EndToEndCase("smollm2-135m", "generate", adapters=2, tokens=2)
-    (rec,) = e2e.run_case(case, RunConfig())
+    (rec,) = e2e.run_case(case, RunConfig(impl_pattern="lorart"))
     assert rec["status"] == "skipped"
     assert rec["reason"] == "needs lorart.from_gguf (not in this build)"

@@ -49,42 +49,108 @@ def _needs() -> str | None:
 
 
 def run_case(case: EndToEndCase, cfg) -> list[dict]:
-    """One record for ``case``: seconds per call and tokens/s, or why it was skipped."""
-    from .suite import base_record
+    """Records for ``case``: the ``hf_peft`` baseline and lorart, with tokens/s and speedup."""
+    import re
 
-    rec = base_record(case, "lorart:auto", "lorart")
-    why = _needs()
-    if why is not None:
-        rec.update(status="skipped", reason=why)
-        return [rec]
-    if cfg.device.type != "cpu":
-        rec.update(status="skipped", reason="the GGUF model loader builds CPU models")
-        return [rec]
-    import lorart
+    from .suite import add_speedups
 
-    names = [f"bench{s}" for s in range(case.adapters)]
-    model = None
+    runners = (("hf_peft", "baseline", _run_hf_peft), ("lorart:auto", "lorart", _run_lorart))
+    rx = re.compile(cfg.impl_pattern) if cfg.impl_pattern else None
+    records = [runner(case, cfg, name, kind) for name, kind, runner in runners
+               if rx is None or rx.search(name)]
+    add_speedups(records)
+    return records
+
+
+def _timed(case: EndToEndCase, cfg, rec: dict, build) -> dict:
+    """Fill ``rec`` by timing the callable ``build()`` returns (or say why not)."""
     try:
-        model, load_s = _model()
-        rec["model_load_s"] = load_s
-        for name in names:
-            lorart.add_adapter(model, name, r=case.rank, init_lora_weights=False)
-        fn = _generate(model, case, names) if case.task == "generate" else _train(model, case,
-                                                                                   names)
+        fn = build()
         timing = measure(fn, cfg.device, budget_s=4 * cfg.budget_s, min_reps=3,
                          max_reps=20, max_call_s=6 * cfg.max_call_s)
     except TooSlow as exc:
         rec.update(status="skipped", reason=str(exc))
-        return [rec]
+        return rec
     except Exception as exc:
         rec.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
-        return [rec]
+        return rec
+    rec["time_s"] = timing.as_dict()
+    rec["tokens_per_s"] = case.batch * case.tokens / timing.median
+    return rec
+
+
+def _run_lorart(case: EndToEndCase, cfg, impl: str, kind: str) -> dict:
+    from .suite import base_record
+
+    rec = base_record(case, impl, kind)
+    why = _needs()
+    if why is None and cfg.device.type != "cpu":
+        why = "the GGUF model loader builds CPU models"
+    if why is not None:
+        rec.update(status="skipped", reason=why)
+        return rec
+    import lorart
+
+    names = [f"bench{s}" for s in range(case.adapters)]
+    model = None
+
+    def build():
+        nonlocal model
+        model, rec["model_load_s"] = _model()
+        for name in names:
+            lorart.add_adapter(model, name, r=case.rank, init_lora_weights=False)
+        return _generate(model, case, names) if case.task == "generate" else _train(
+            model, case, names)
+
+    try:
+        return _timed(case, cfg, rec, build)
     finally:
         if model is not None:
             _cleanup(model, names)
-    rec["time_s"] = timing.as_dict()
-    rec["tokens_per_s"] = case.batch * case.tokens / timing.median
-    return [rec]
+
+
+def _run_hf_peft(case: EndToEndCase, cfg, impl: str, kind: str) -> dict:
+    """transformers' own GGUF load (dequantized to float32) with PEFT adapters on every
+    linear layer: what a user runs without lorart."""
+    from .suite import base_record
+
+    rec = base_record(case, impl, kind)
+    try:
+        import peft  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+
+        from ..models import default_gguf_path
+
+        path = default_gguf_path()
+    except (ImportError, FileNotFoundError) as exc:
+        rec.update(status="skipped", reason=f"needs transformers, peft and the SmolLM2 GGUF: "
+                                            f"{exc}")
+        return rec
+    if cfg.device.type != "cpu":
+        rec.update(status="skipped", reason="compared on CPU only, like the lorart model")
+        return rec
+
+    def build():
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        start = time.perf_counter()
+        base = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+        rec["model_load_s"] = time.perf_counter() - start
+        config = LoraConfig(r=case.rank, lora_alpha=case.rank, target_modules="all-linear",
+                            lora_dropout=0.0, init_lora_weights=False)
+        model = get_peft_model(base, config, adapter_name="bench0")
+        names = [f"bench{s}" for s in range(case.adapters)]
+        for name in names[1:]:
+            model.add_adapter(name, config)
+        if case.task == "generate":
+            return _generate(model, case, names)
+        model.set_adapter(names[0])
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        return _train_step(model, case, params)
+
+    return _timed(case, cfg, rec, build)
 
 
 def _cleanup(model, names) -> None:
@@ -129,8 +195,12 @@ def _train(model, case: EndToEndCase, names: list[str]):
     lorart.set_adapter(model, names[0])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    return _train_step(model, case, params)
+
+
+def _train_step(model, case: EndToEndCase, params: list):
     if not params:
-        raise RuntimeError("no trainable parameters after add_adapter/set_adapter")
+        raise RuntimeError("no trainable parameters after adding the adapter")
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = _prompt(model, case, case.tokens)
 

@@ -75,6 +75,8 @@ def row_cells(rec: dict) -> list[str]:
         return [impl, rec["status"], "", "", "", "", "", "", rec.get("reason") or ""]
     if rec["kind"] == "e2e":
         tok = f"{rec['tokens_per_s']:.1f} tok/s"
+        if rec.get("speedup"):
+            tok += "; " + _speedups(rec)
         return [impl, fmt_time(rec["time_s"]["median"]), _spread(rec), "", "", "", "", "", tok]
     return [impl, fmt_time(rec["time_s"]["median"]), _spread(rec), _num(rec["gbps"]),
             _num(rec["pct_bandwidth"], 0), _num(rec["gflops"]), _num(rec["pct_peak"], 0),

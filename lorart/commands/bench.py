@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only cases whose id matches (e.g. 'M1/' or 'llama3.*train')")
     parser.add_argument("--impls", metavar="REGEX",
                         help="only implementations whose name matches (e.g. 'lorart|peft')")
+    parser.add_argument("--no-e2e", action="store_true",
+                        help="leave out the end-to-end SmolLM2 cases (model loads take a while)")
     parser.add_argument("--list", action="store_true", help="print the selected case ids, exit")
     parser.add_argument("--out", metavar="DIR", default="lorart-bench",
                         help="directory for results.jsonl, report.md and plots "
@@ -85,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
             ceilings, ctx = records[0]["ceilings"], records[0]["context"]
         else:
             cases = case_table.select(args.mode, args.cases)
+            if args.no_e2e:
+                cases = [c for c in cases if c.kind != "e2e"]
     except (OSError, ValueError, KeyError) as exc:
         print(f"lorart bench: error: {exc}", file=sys.stderr)
         return 2

@@ -55,6 +55,7 @@ def _fused_types(dtype: str, out: str) -> dict[str, str]:
 FUSED = [
     ("bf16", True, 0, 1, 4, (16, 64, 128, 16)),   # decode, asym, one adapter, split-K
     ("bf16", True, 2, 2, 1, (16, 32, 32, 16)),    # decode, nf4, BGMV gather
+    ("bf16", True, 2, 1, 8, (16, 64, 128, 16)),   # decode, nf4 table lookup, split-K
     ("fp16", True, 1, 0, 1, (64, 128, 64, 16)),   # prefill base only, sym
     ("fp32", False, 0, 1, 1, (64, 128, 64, 128)),  # dense fp32 (ieee dot), rank block 128
 ]

@@ -43,9 +43,8 @@ def dx_base_kernel(
         n_ok = rn < N
         dy = tl.load(dy_ptr + rm[:, None] * N + rn[None, :], mask=m_ok[:, None] & n_ok[None, :],
                      other=0.0)
-        w = weight_tile(w_ptr, q_ptr, s_ptr, o_ptr, t_ptr, rn[:, None], rk[None, :],
-                        n_ok[:, None], n_ok[:, None] & k_ok[None, :], K, GROUPS, group_idx,
-                        QUANT, SCHEME)  # [BLOCK_N, BLOCK_K]
+        w = weight_tile(w_ptr, q_ptr, s_ptr, o_ptr, t_ptr, rn, pid_k * BLOCK_K, N, K, GROUPS,
+                        group_idx, BLOCK_K, QUANT, SCHEME)  # [BLOCK_N, BLOCK_K]
         acc = tl.dot(dy.to(DOT), w.to(DOT), acc, input_precision=PREC)
     tl.store(dx_ptr + rm[:, None] * K + rk[None, :], acc, mask=m_ok[:, None] & k_ok[None, :])
 

@@ -58,10 +58,9 @@ def fused_lora_linear_kernel(
         k_ok = kk < K
         x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
                     other=0.0).to(DOT)
-        w = weight_tile(w_ptr, q_ptr, s_ptr, o_ptr, t_ptr, rn[None, :], kk[:, None],
-                        n_ok[None, :], n_ok[None, :] & k_ok[:, None], K, GROUPS,
-                        k0 // GROUP, QUANT, SCHEME)  # [BLOCK_K, BLOCK_N] = Wᵀ
-        acc = tl.dot(x, w.to(DOT), acc, input_precision=PREC)
+        w = weight_tile(w_ptr, q_ptr, s_ptr, o_ptr, t_ptr, rn, k0, N, K, GROUPS, k0 // GROUP,
+                        BLOCK_K, QUANT, SCHEME)  # [BLOCK_N, BLOCK_K]
+        acc = tl.dot(x, tl.trans(w.to(DOT)), acc, input_precision=PREC)
         if LORA == 1:
             at = tl.load(a_ptr + rr[None, :] * K + kk[:, None],
                          mask=(rr[None, :] < rank0) & k_ok[:, None], other=0.0)  # Aᵀ tile

@@ -18,8 +18,9 @@ timing further cases once spent, and says so in their rows):
    against cuBLAS base-only (``torch.matmul`` of the dequantized weight in bf16) and
    PEFT-style unfused torch (dequantize in bf16 + matmul + per-adapter LoRA matmuls).
 4. One table, printed last: case, time, TFLOP/s, GB/s, % of the measured ceiling
-   (bandwidth for decode, matmul rate otherwise), ratios vs the baselines, max error,
-   and the targets marked met / not met:
+   (bandwidth for decode, matmul rate otherwise), time ratios vs cuBLAS, vs PEFT-style
+   and vs "base" (the same 4-bit layer without LoRA for decode; one adapter for the
+   64-adapter case), max error, and the targets marked met / not met:
 
    - decode (1 row) 4-bit + LoRA: >= 70% of copy bandwidth, and within 10% of the
      same 4-bit layer without LoRA (lorart base-only), i.e. LoRA costs <= 10%;
@@ -462,6 +463,9 @@ def time_case(case: Case, inputs: dict, ceilings: dict, timer=bench_ms,
         out["ceiling"] = "bf16 matmul"
     out["vs_cublas"] = out["time_ms"] / out["cublas_ms"]
     out["vs_peft"] = out["time_ms"] / out["peft_ms"]
+    # The same layer without the extra work: lorart base-only (decode), one adapter (multi64).
+    own = out.get("base_only_ms") or out.get("one_adapter_ms")
+    out["vs_base"] = out["time_ms"] / own if own else None
     out.update(target_verdict(case, out))
     return out
 
@@ -525,7 +529,8 @@ def print_table(rows: list[dict], ceilings: dict | None) -> None:
         print(f"\nceilings: copy {ceilings['copy_gbps']:.0f} GB/s, bf16 matmul "
               f"{ceilings['bf16_matmul_tflops']:.0f} TFLOP/s")
     head = (f"{'case':<28} {'shape':>11} {'rows':>5} {'ad':>3} {'ms':>9} {'TFLOP/s':>8} "
-            f"{'GB/s':>7} {'%ceil':>6} {'/cuBLAS':>8} {'/PEFT':>7} {'maxerr':>8} {'ok':>3}  "
+            f"{'GB/s':>7} {'%ceil':>6} {'/cuBLAS':>8} {'/PEFT':>7} {'/base':>6} {'maxerr':>8} "
+            f"{'ok':>3}  "
             f"target")
     print(head)
     print("-" * len(head))
@@ -541,6 +546,7 @@ def print_table(rows: list[dict], ceilings: dict | None) -> None:
               f"{fmt(r.get('time_ms'), '.4f'):>9} {fmt(r.get('tflops'), '.1f'):>8} "
               f"{fmt(r.get('gbps'), '.0f'):>7} {fmt(r.get('pct_ceiling'), '.0f'):>6} "
               f"{fmt(r.get('vs_cublas'), '.2f'):>8} {fmt(r.get('vs_peft'), '.2f'):>7} "
+              f"{fmt(r.get('vs_base'), '.2f'):>6} "
               f"{fmt(r.get('max_err'), '.1e'):>8} {'yes' if r.get('ok') else 'NO':>3}  "
               f"{verdict}{('  ' + r['note']) if r.get('note') else ''}")
 

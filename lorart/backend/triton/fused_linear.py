@@ -4,6 +4,9 @@
 
 One program owns a ``[BLOCK_M, BLOCK_N]`` tile of y and writes it once. The base
 weight tile is dequantized in registers inside the K loop and never materialized.
+At decode sizes the grid is too small for a GPU, so K is split over ``SPLIT_K``
+programs that write fp32 partials; ``splitk_reduce_kernel`` (a second, tiny launch)
+sums them in split order and writes y once (``configs.fused_forward_blocks`` decides).
 LoRA modes (``LORA``, a tl.constexpr):
 
 - 0: base only.

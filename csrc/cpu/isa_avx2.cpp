@@ -7,7 +7,7 @@
 
 #include "cpu/lora_cpu.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
 namespace {
@@ -16,6 +16,7 @@ namespace {
 
 struct V {
   static constexpr int W = 8;
+  static constexpr bool kWideDecode = false;  // registers for 4 W rows x 2 x rows
   using R = __m256;
   struct Table {
     __m256 low8, high8;  // values of codes 0..7 and 8..15
@@ -32,6 +33,7 @@ struct V {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
   static R load_bf16(const uint16_t* p) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -47,6 +49,7 @@ struct V {
                             _mm256_permutevar8x32_ps(t.high8, idx), _mm256_castsi256_ps(select));
   }
   // 8 bytes -> 16 codes.
+  static constexpr int lane_byte(int j) { return j; }  // lane j holds byte j
   static void decode(const uint8_t* p, const Table& t, R& lo, R& hi) {
     const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     lo = lookup(t, b, _mm256_slli_epi32(b, 28));

@@ -7,7 +7,7 @@
 
 #include "cpu/lora_cpu.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__FMA__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
 namespace {
@@ -17,6 +17,7 @@ namespace {
 
 struct V {
   static constexpr int W = 16;
+  static constexpr bool kWideDecode = true;  // registers for 4 W rows x 2 x rows
   using R = __m512;
   struct Table {
     __m512 values;
@@ -28,6 +29,7 @@ struct V {
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static float hsum(R v) { return _mm512_reduce_add_ps(v); }
+  static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
   static R load_bf16(const uint16_t* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -38,6 +40,7 @@ struct V {
   }
   // 16 bytes -> 32 codes; vpermps reads only the low 4 bits of each index, so the low
   // nibble needs no mask.
+  static constexpr int lane_byte(int j) { return j; }  // lane j holds byte j
   static void decode(const uint8_t* p, const Table& t, R& lo, R& hi) {
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     lo = _mm512_permutexvar_ps(b, t.values);

@@ -13,6 +13,7 @@ namespace {
 
 struct V {
   static constexpr int W = 1;
+  static constexpr bool kWideDecode = false;  // registers for 4 W rows x 2 x rows
   using R = float;
   struct Table {
     float values[16];
@@ -24,6 +25,7 @@ struct V {
   static R fma(R a, R b, R c) { return a * b + c; }
   static R add(R a, R b) { return a + b; }
   static float hsum(R v) { return v; }
+  static float half_to_float(uint16_t h) { return lorart::fp16_bits_to_float(h); }
   static R load_bf16(const uint16_t* p) { return lorart::bf16_bits_to_float(*p); }
   static Table make_table(const float* table16, float scale, float offset) {
     Table t;
@@ -31,6 +33,7 @@ struct V {
       t.values[q] = lorart::dequantize_value(table16[q], scale, 0.0f) + offset;
     return t;
   }
+  static constexpr int lane_byte(int j) { return j; }  // lane j holds byte j
   static void decode(const uint8_t* p, const Table& t, R& lo, R& hi) {
     lo = t.values[*p & 15];
     hi = t.values[*p >> 4];

@@ -4,14 +4,16 @@
 // (compiled with its own -m flags) and the linker can never mix them.
 //
 // V provides: W (float lanes), R (register), zero, load, store, set1, fma, add, hsum,
-// load_bf16 (W bfloat16 -> W float), Table + make_table(table16, scale, offset) (the 16
-// dequantized values of one group), and decode(bytes, table, lo, hi): W packed bytes ->
-// the values of their W low nibbles (even k) and W high nibbles (odd k).
+// load_bf16 (W bfloat16 -> W float), half_to_float, Table + make_table(table16, scale,
+// offset) (the 16 dequantized values of one group), and decode(bytes, table, lo, hi):
+// W packed bytes -> the values of their W low nibbles (even k) in `lo` and W high nibbles
+// (odd k) in `hi`, lane j holding byte lane_byte(j) of the W bytes.
 //
 // Layout trick shared by every quantized kernel: a "chunk" is 2W consecutive k. decode()
-// yields a chunk's values as [even k..., odd k...], so x (and dx) are kept in that same
-// permuted order inside each chunk; a dot product over k does not care about the order,
-// which saves an interleave per chunk. Only the borders (x in, dx out) permute.
+// yields a chunk's values in a fixed permuted order (lo lane j = k 2·lane_byte(j), hi lane
+// j = k 2·lane_byte(j) + 1), so x (and dx) are kept in that same order inside each chunk;
+// a dot product over k does not care about the order, and each ISA picks the order its
+// cheapest unpack produces. Only the borders (x in, dx out) permute.
 //
 // Requires (by the including TU): <algorithm>, <cstring>, <memory>, <omp.h>, lora_cpu.h,
 // quant_math.h included inside the same anonymous namespace (as `lorart::`).
@@ -20,6 +22,11 @@ namespace api = ::lorart::cpu;
 using api::DType;
 
 using FloatBuf = std::unique_ptr<float[]>;
+
+// Below this much work (multiply-adds or elements) a loop runs on one thread: waking the
+// OpenMP team costs more, and on a shared machine a descheduled team member can stall a
+// tiny region for a whole scheduler tick (measured: 8x64 decode 6 us alone, ms in a team).
+constexpr int64_t kParallelMinWork = int64_t{1} << 16;
 
 inline FloatBuf alloc_floats(int64_t n) { return FloatBuf(new float[n > 0 ? n : 1]); }
 
@@ -108,7 +115,7 @@ const float* rows_as_f32(const void* src, DType dt, int64_t m, int64_t k, int64_
   }
   storage = alloc_floats(m * k);
   float* dst = storage.get();
-#pragma omp parallel for schedule(static) if (m * k > 65536)
+#pragma omp parallel for schedule(static) if (m * k > kParallelMinWork)
   for (int64_t i = 0; i < m; ++i) {
     const uint16_t* row = static_cast<const uint16_t*>(src) + i * ld;
     int64_t j = 0;
@@ -125,12 +132,12 @@ FloatBuf permute_rows(const float* x, int64_t ld, int64_t m, int64_t k) {
   constexpr int W = V::W;
   FloatBuf out = alloc_floats(m * k);
   float* xp = out.get();
-#pragma omp parallel for schedule(static) if (m * k > 65536)
+#pragma omp parallel for schedule(static) if (m * k > kParallelMinWork)
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t c = 0; c < k; c += 2 * W) {
       for (int j = 0; j < W; ++j) {
-        xp[i * k + c + j] = x[i * ld + c + 2 * j];
-        xp[i * k + c + W + j] = x[i * ld + c + 2 * j + 1];
+        xp[i * k + c + j] = x[i * ld + c + V::lane_byte(j) * 2];
+        xp[i * k + c + W + j] = x[i * ld + c + V::lane_byte(j) * 2 + 1];
       }
     }
   }
@@ -144,17 +151,20 @@ struct QuantView {
   explicit QuantView(const api::WeightArgs& args) : w(args) {
     lorart::fill_code_table(static_cast<lorart::Scheme>(args.scheme), table16);
   }
-  float scale(int64_t n, int64_t g) const {
-    return load_f32(w.scales, w.scale_dtype, n * (w.k / w.group_size) + g);
-  }
-  float offset(int64_t n, int64_t g) const {
-    return w.offsets ? load_f32(w.offsets, w.scale_dtype, n * (w.k / w.group_size) + g) : 0.0f;
+  // fp16 scales go through V::half_to_float (one F16C instruction on x86): the software
+  // conversion cost as much as unpacking a whole group.
+  template <class V>
+  float scale_value(const void* p, int64_t n, int64_t g) const {
+    const int64_t i = n * (w.k / w.group_size) + g;
+    if (w.scale_dtype == DType::kF32) return static_cast<const float*>(p)[i];
+    return V::half_to_float(static_cast<const uint16_t*>(p)[i]);
   }
   // The 16 values codes stand for in group g of row n: table * scale + offset, rounded
   // as lorart.quant's dequantize rounds them (a multiply, then an add).
   template <class V>
   typename V::Table group_table(int64_t n, int64_t g) const {
-    return V::make_table(table16, scale(n, g), offset(n, g));
+    return V::make_table(table16, scale_value<V>(w.scales, n, g),
+                         w.offsets ? scale_value<V>(w.offsets, n, g) : 0.0f);
   }
   const uint8_t* row(int64_t n) const { return w.qweight + n * (w.k / 2); }
 };
@@ -219,7 +229,7 @@ FloatBuf lora_shrink(const api::AdapterArgs& l, DType dt, const float* x, int64_
                      int64_t k, int64_t tr) {
   FloatBuf t = alloc_floats(m * tr);
   float* tp = t.get();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (m * tr * k > kParallelMinWork)
   for (int64_t idx = 0; idx < m * tr; ++idx) {
     const int64_t i = idx / tr, r = idx % tr;
     const int s = row_adapter(l, i);
@@ -234,17 +244,16 @@ FloatBuf lora_shrink(const api::AdapterArgs& l, DType dt, const float* x, int64_
 }
 
 // y[m, n] = acc + bias[n] + t[m] · B_s[n]: the epilogue every forward path shares.
-inline void finish(const api::ForwardArgs& a, const float* t, int64_t tr, int64_t m, int64_t n,
-                   float acc) {
+template <class V>
+void finish(const api::ForwardArgs& a, const float* t, int64_t tr, int64_t m, int64_t n,
+            float acc) {
   if (a.bias) acc += load_f32(a.bias, a.dtype, n);
   const api::AdapterArgs& l = a.lora;
   if (t != nullptr) {
     const int s = row_adapter(l, m);
     if (s >= 0) {
       const int64_t lo = l.rank_offsets[s], r = lorart::adapter_rank(l.rank_offsets, s);
-      const float* tm = t + m * tr;
-      for (int64_t j = 0; j < r; ++j)
-        acc += tm[j] * load_f32(l.b, a.dtype, n * l.total_rank + lo + j);
+      acc += dot<V>(t + m * tr, advance(l.b, a.dtype, n * l.total_rank + lo), a.dtype, r);
     }
   }
   store_out(a.y, a.dtype, m * a.ldy + n, acc);
@@ -252,37 +261,62 @@ inline void finish(const api::ForwardArgs& a, const float* t, int64_t tr, int64_
 
 constexpr int kDecodeRowTile = 4;  // rows of x sharing one unpack of W in the decode GEMV
 
+constexpr int kDecodeCols = 4;  // rows of W per decode step
+
+// out[i * 4 + j] = x_i · W[n0 + j] for i < MT, j < nt <= 4. With one or two rows of x,
+// four rows of W run at once when V has the registers (V::kWideDecode).
+template <class V, int MT>
+void gemv_quant_cols(const QuantView& q, int64_t n0, int nt, const float* xb, int64_t k,
+                     float* out) {
+  if (V::kWideDecode && MT <= 2 && nt == 4) {
+    float part[MT * 4];
+    gemv_quant<V, MT, 4>(q, n0, xb, k, part);
+    for (int i = 0; i < MT; ++i)
+      for (int j = 0; j < 4; ++j) out[i * 4 + j] = part[i * 4 + j];
+    return;
+  }
+  for (int j0 = 0; j0 < nt; j0 += 2) {
+    float part[MT * 2];
+    const int cols = nt - j0 >= 2 ? 2 : 1;
+    if (cols == 2) {
+      gemv_quant<V, MT, 2>(q, n0 + j0, xb, k, part);
+    } else {
+      gemv_quant<V, MT, 1>(q, n0 + j0, xb, k, part);
+    }
+    for (int i = 0; i < MT; ++i)
+      for (int c = 0; c < cols; ++c) out[i * 4 + j0 + c] = part[i * cols + c];
+  }
+}
+
 template <class V>
 void forward_decode(const api::ForwardArgs& a, const float* x, int64_t ldx, const float* xp,
                     const float* t, int64_t tr) {
   const api::WeightArgs& w = a.w;
   const int64_t m = a.m, n = w.n, k = w.k;
   const QuantView q(w);
-#pragma omp parallel for schedule(static)
-  for (int64_t nb = 0; nb < (n + 1) / 2; ++nb) {
-    const int64_t n0 = 2 * nb;
-    const int nt = n - n0 >= 2 ? 2 : 1;
+#pragma omp parallel for schedule(static) if (m * n * k > kParallelMinWork)
+  for (int64_t nb = 0; nb < (n + kDecodeCols - 1) / kDecodeCols; ++nb) {
+    const int64_t n0 = kDecodeCols * nb;
+    const int nt = static_cast<int>(std::min<int64_t>(kDecodeCols, n - n0));
     for (int64_t m0 = 0; m0 < m; m0 += kDecodeRowTile) {
       const int mt = static_cast<int>(std::min<int64_t>(kDecodeRowTile, m - m0));
-      float out[kDecodeRowTile * 2];
+      float out[kDecodeRowTile * kDecodeCols];
       if (w.quantized) {
         const float* xb = xp + m0 * k;
-#define LORART_GEMV_Q(MT)                                    \
-  case MT:                                                   \
-    if (nt == 2) {                                           \
-      gemv_quant<V, MT, 2>(q, n0, xb, k, out);               \
-    } else {                                                 \
-      gemv_quant<V, MT, 1>(q, n0, xb, k, out);               \
-      for (int i = MT - 1; i >= 0; --i) out[2 * i] = out[i]; \
-    }                                                        \
-    break;
         switch (mt) {
-          LORART_GEMV_Q(1)
-          LORART_GEMV_Q(2)
-          LORART_GEMV_Q(3)
-          LORART_GEMV_Q(4)
+          case 1:
+            gemv_quant_cols<V, 1>(q, n0, nt, xb, k, out);
+            break;
+          case 2:
+            gemv_quant_cols<V, 2>(q, n0, nt, xb, k, out);
+            break;
+          case 3:
+            gemv_quant_cols<V, 3>(q, n0, nt, xb, k, out);
+            break;
+          default:
+            gemv_quant_cols<V, 4>(q, n0, nt, xb, k, out);
+            break;
         }
-#undef LORART_GEMV_Q
       } else {
         for (int j = 0; j < nt; ++j) {
           float col[kDecodeRowTile];
@@ -301,11 +335,11 @@ void forward_decode(const api::ForwardArgs& a, const float* x, int64_t ldx, cons
               gemv_dense<V, 4>(w, a.dtype, n0 + j, xb, ldx, col);
               break;
           }
-          for (int i = 0; i < mt; ++i) out[2 * i + j] = col[i];
+          for (int i = 0; i < mt; ++i) out[i * kDecodeCols + j] = col[i];
         }
       }
       for (int i = 0; i < mt; ++i)
-        for (int j = 0; j < nt; ++j) finish(a, t, tr, m0 + i, n0 + j, out[2 * i + j]);
+        for (int j = 0; j < nt; ++j) finish<V>(a, t, tr, m0 + i, n0 + j, out[i * kDecodeCols + j]);
     }
   }
 }
@@ -414,7 +448,7 @@ void forward_gemm(const api::ForwardArgs& a, const float* x, int64_t ldx, const 
   const QuantView q(w);
   FloatBuf yacc = alloc_floats(m * npad);
   if (k == 0) std::fill(yacc.get(), yacc.get() + m * npad, 0.0f);
-#pragma omp parallel
+#pragma omp parallel if (m * n * k > kParallelMinWork)
   {
     FloatBuf bp = alloc_floats(kGemmDepth * NR);
     for (int64_t k0 = 0; k0 < k; k0 += kGemmDepth) {
@@ -426,9 +460,9 @@ void forward_gemm(const api::ForwardArgs& a, const float* x, int64_t ldx, const 
       }
     }
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (m * n > kParallelMinWork)
   for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) finish(a, t, tr, i, j, yacc[i * npad + j]);
+    for (int64_t j = 0; j < n; ++j) finish<V>(a, t, tr, i, j, yacc[i * npad + j]);
 }
 
 // Dispatch between the fused decode GEMV and the tiled GEMM (see isa_*.cpp for the
@@ -499,12 +533,12 @@ void backward(const api::BackwardArgs& a) {
   if (tr > 0) {
     bt_store = alloc_floats(rused * n);
     float* bt = bt_store.get();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rused * n > kParallelMinWork)
     for (int64_t r = 0; r < rused; ++r)
       for (int64_t j = 0; j < n; ++j) bt[r * n + j] = load_f32(l.b, a.dtype, j * l.total_rank + r);
     u_store = alloc_floats(m * tr);
     float* u = u_store.get();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (m * tr * n > kParallelMinWork)
     for (int64_t idx = 0; idx < m * tr; ++idx) {
       const int64_t i = idx / tr, r = idx % tr;
       const int s = row_adapter(l, i);
@@ -519,7 +553,7 @@ void backward(const api::BackwardArgs& a) {
     const QuantView q(w);
     const int64_t strips = (k + NR - 1) / NR, kpad = strips * NR;
     FloatBuf dxacc = alloc_floats(m * kpad);
-#pragma omp parallel
+#pragma omp parallel if (m * n * k > kParallelMinWork)
     {
       FloatBuf bp = alloc_floats(kGemmDepth * NR);
       for (int64_t n0 = 0; n0 < n; n0 += kGemmDepth) {
@@ -532,7 +566,7 @@ void backward(const api::BackwardArgs& a) {
       }
     }
     if (n == 0) std::fill(dxacc.get(), dxacc.get() + m * kpad, 0.0f);
-#pragma omp parallel
+#pragma omp parallel if (m * k > kParallelMinWork)
     {
       FloatBuf row_store = alloc_floats(k);
       float* row = row_store.get();
@@ -542,8 +576,8 @@ void backward(const api::BackwardArgs& a) {
         if (w.quantized) {
           for (int64_t c = 0; c < k; c += NR)
             for (int jj = 0; jj < W; ++jj) {
-              row[c + 2 * jj] = acc[c + jj];
-              row[c + 2 * jj + 1] = acc[c + W + jj];
+              row[c + V::lane_byte(jj) * 2] = acc[c + jj];
+              row[c + V::lane_byte(jj) * 2 + 1] = acc[c + W + jj];
             }
         } else {
           std::memcpy(row, acc, k * sizeof(float));
@@ -563,7 +597,7 @@ void backward(const api::BackwardArgs& a) {
     const float* t = t_store.get();
     const float* u = u_store.get();
     // dA_s[r] = Σ_{rows of s} u[m, r] x[m]: threads own disjoint k ranges (no races).
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (m * tr * k > kParallelMinWork)
     for (int64_t k0 = 0; k0 < k; k0 += kGemmDepth) {
       const int64_t kc = std::min(kGemmDepth, k - k0);
       for (int64_t i = 0; i < m; ++i) {
@@ -577,7 +611,7 @@ void backward(const api::BackwardArgs& a) {
     // dB_s[:, r] = Σ_{rows of s} t[m, r] dy[m], accumulated as Bᵀ, threads own n ranges.
     float* dbt = bt_store.get();
     std::fill(dbt, dbt + rused * n, 0.0f);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (m * tr * n > kParallelMinWork)
     for (int64_t n0 = 0; n0 < n; n0 += kGemmDepth) {
       const int64_t nc = std::min(kGemmDepth, n - n0);
       for (int64_t i = 0; i < m; ++i) {
@@ -588,7 +622,7 @@ void backward(const api::BackwardArgs& a) {
           axpy<V>(t[i * tr + j], dy + i * lddy + n0, DType::kF32, nc, dbt + (lo + j) * n + n0);
       }
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * rused > kParallelMinWork)
     for (int64_t j = 0; j < n; ++j)
       for (int64_t r = 0; r < rused; ++r) a.db[j * l.total_rank + r] = dbt[r * n + j];
   }

@@ -34,11 +34,11 @@ bool machine_has(const std::string& isa) {
   __builtin_cpu_init();
   if (isa == "avx2") {
     return lorart::cpu::kernels_avx2() != nullptr && __builtin_cpu_supports("avx2") &&
-           __builtin_cpu_supports("fma");
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }
   if (isa == "avx512") {
     return lorart::cpu::kernels_avx512() != nullptr && __builtin_cpu_supports("avx512f") &&
-           __builtin_cpu_supports("avx512bw");
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("f16c");
   }
 #endif
   return false;

@@ -105,7 +105,7 @@ def correctness_rows(backend, device, dry: bool) -> list[dict]:
         tol = TOLERANCE[str(dtype).split(".")[-1]]
         for scheme, g, sdt, m, n, k in quant_cases:
             torch.manual_seed(0)
-            qw = quantize(torch.randn(n, k), g, scheme, sdt).to(device)
+            qw = quantize(torch.randn(n, k, device=device), g, scheme, sdt)
             name = f"check/{scheme}-g{g}/{str(dtype)[6:]}"
             shape = f"{n}x{k}"
             try:

@@ -2,7 +2,8 @@
 // (asym / sym / nf4, groups of 32..256 along K) or dense fp16/bf16.
 //
 // Two launches per layer:
-//  1. shrink_kernel (only with adapters): t[m, j] = c_s · x[m] · A_s[j], fp32 [M, max_rank].
+//  1. shrink_kernel (only with adapters): t[m, j] = c_s · x[m] · A_s[j], fp32 [M, max_rank],
+//     one block per (j, m).
 //     A separate launch because every output block needs all of t: computing it inside
 //     the fused kernel would re-read A_s once per block (N/16 times) or need a grid-wide
 //     barrier. The tiny launch reads each used A row once; t (<= 16 x 128 floats) then
@@ -344,23 +345,27 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) decode_kernel(const De
   }
 }
 
-// One warp per (row m, rank index j): t[m, j] = c_s · x[m] · A[lo_s + j], fp32.
+// One block per (rank index j, row m): t[m, j] = c_s · x[m] · A[lo_s + j], fp32. A whole
+// block splits K so each dot product is a few loads deep per thread (latency, not a
+// long serial loop, is what a decode-sized shrink is bound by).
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkArgs args) {
   using Traits = ActTraits<T>;
+  __shared__ float warp_sums[kWarps];
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int64_t j = blockIdx.x;
   const int64_t m = blockIdx.y;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   const int s = args.adapter_ids != nullptr ? args.adapter_ids[m] : 0;
-  if (s < 0 || j >= adapter_rank(args.rank_offsets, s)) return;  // whole warp leaves
+  // Uniform over the block (depends on blockIdx only), so no thread misses the barrier.
+  if (s < 0 || j >= adapter_rank(args.rank_offsets, s)) return;
   const int64_t K = args.k;
   const auto* x_row = static_cast<const T*>(args.x) + m * K;
   const auto* a_row = static_cast<const T*>(args.lora_a) + (args.rank_offsets[s] + j) * K;
 
   float sum = 0.0f;
   if constexpr (kVec) {  // K % 8 == 0 and 16-byte aligned rows
-    for (int64_t k = 8 * lane; k < K; k += 8 * 32) {
+    for (int64_t k = 8 * static_cast<int64_t>(threadIdx.x); k < K; k += 8 * kThreads) {
       uint32_t xv[4], av[4];
       store_words(xv, load_cached(x_row + k));
       store_words(av, load_cached(a_row + k));
@@ -373,13 +378,20 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkArgs args)
       }
     }
   } else {
-    for (int64_t k = lane; k < K; k += 32) {
+    for (int64_t k = threadIdx.x; k < K; k += kThreads) {
       sum = fmaf(Traits::to_float(x_row[k]), Traits::to_float(a_row[k]), sum);
     }
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (lane == 0) args.t[m * args.ldt + j] = sum * args.lora_scales[s];
+  if (lane == 0) warp_sums[warp] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += warp_sums[w];  // fixed order: deterministic
+    args.t[m * args.ldt + j] = total * args.lora_scales[s];
+  }
 }
 
 // ------------------------------------------------------------------------ host side
@@ -481,7 +493,8 @@ void launch_shrink(const ShrinkArgs& a, std::uintptr_t stream) {
           "t, x, lora_a, rank_offsets and lora_scales are required");
   require(a.act == Act::kF16 || a.act == Act::kBF16, "act must be float16 or bfloat16");
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const dim3 grid(static_cast<unsigned>((a.ldt + kWarps - 1) / kWarps), static_cast<unsigned>(a.m));
+  require(a.ldt <= 0x7fffffff, "max rank too large for one grid");
+  const dim3 grid(static_cast<unsigned>(a.ldt), static_cast<unsigned>(a.m));
   const bool vec = a.k % 8 == 0 && aligned16(a.x) && aligned16(a.lora_a);
   if (a.act == Act::kF16) {
     if (vec) {

@@ -88,6 +88,29 @@ def test_fake_implementation_shapes(quantized, dtype):
         assert tuple(y.shape) == (5, 37) and y.dtype == dtype and y.device.type == "cuda"
 
 
+def _empty(*shape, dtype=torch.float16):
+    return torch.empty(*shape, dtype=dtype, device="cuda")
+
+
+@pytest.mark.parametrize("index, bad, match", [
+    (0, lambda: _empty(5, 32), "qweight"),  # x's K no longer matches qweight [N, K/2]
+    (2, lambda: _empty(37, 1), "scales"),
+    (3, lambda: None, "offsets"),  # scheme asym needs offsets
+    (6, lambda: _empty(5, 24), "lora_b"),
+    (9, lambda: _empty(2, dtype=torch.int32), "adapter_ids"),
+    (12, lambda: 25, "max_rank"),
+])
+def test_fake_implementation_rejects_bad_shapes(index, bad, match):
+    """The op checks shapes host-side (also under torch.compile's fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        args = list(_fake_args(True, 5, 37, 64, torch.float16, lora=True))
+        args[index] = bad()
+        with pytest.raises(ValueError, match=match):
+            torch.ops.lorart.cuda_lora_decode(*args)
+
+
 def _decode_kwargs(**over):
     kw = dict(y=256, x=256, weight=256, scales=256, offsets=256, bias=0, lora_b=0, lora_t=0,
               rank_offsets=0, adapter_ids=0, m=4, n=64, k=128, ldb=0, ldt=0, group_size=32,

@@ -50,6 +50,57 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _check_op_args(x, weight, scales, offsets, bias, lora_a, lora_b, rank_offsets, lora_scales,
+                   adapter_ids, group_size, scheme, max_rank) -> None:
+    """Host-side checks of ``cuda_lora_decode``'s arguments (no device sync)."""
+    if x.dim() != 2 or x.dtype not in _DTYPES:
+        raise ValueError(f"x must be a float16/bfloat16 [M, K] tensor, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    m, k = x.shape
+    if m > MAX_ROWS:
+        raise ValueError(f"x has M={m} rows; the CUDA decode kernels take at most {MAX_ROWS}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    n = weight.shape[0]
+    if weight.dtype == torch.uint8:
+        if 2 * weight.shape[1] != k:
+            raise ValueError(f"qweight must be [N, K/2] = [{n}, {k // 2}], got "
+                             f"{tuple(weight.shape)}")
+        if scheme not in _SCHEME.values():
+            raise ValueError(f"scheme must be 0 (asym), 1 (sym) or 2 (nf4), got {scheme}")
+        if group_size not in (32, 64, 128, 256) or k % group_size:
+            raise ValueError(f"group_size must be 32..256 and divide K={k}, got {group_size}")
+        for name, t in (("scales", scales), ("offsets", offsets)):
+            if t is not None and tuple(t.shape) != (n, k // group_size):
+                raise ValueError(f"{name} must be [N, K/group] = [{n}, {k // group_size}], "
+                                 f"got {tuple(t.shape)}")
+        if scales is None or (offsets is None) != (scheme != _SCHEME["asym"]):
+            raise ValueError("scales are required, and offsets exactly for scheme asym")
+    elif weight.dtype != x.dtype or weight.shape[1] != k:
+        raise ValueError(f"dense weight must be [N, K={k}] in x's dtype {x.dtype}, got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [N={n}] in x's dtype, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    if adapter_ids is not None and tuple(adapter_ids.shape) != (m,):
+        raise ValueError(f"adapter_ids must be [M={m}], got {tuple(adapter_ids.shape)}")
+    if lora_a is None:
+        return
+    if lora_b is None or rank_offsets is None or lora_scales is None:
+        raise ValueError("lora_a needs lora_b, rank_offsets and lora_scales")
+    r = lora_a.shape[0]
+    if lora_a.dim() != 2 or lora_a.shape[1] != k or tuple(lora_b.shape) != (n, r):
+        raise ValueError(f"lora_a must be [R, K={k}] and lora_b [N={n}, R], got "
+                         f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    if lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
+        raise ValueError("lora_a and lora_b must be in x's dtype")
+    if rank_offsets.numel() != lora_scales.numel() + 1:
+        raise ValueError(f"rank_offsets must have S+1 entries for S={lora_scales.numel()} "
+                         f"scales, got {rank_offsets.numel()}")
+    if not 0 <= max_rank <= r:
+        raise ValueError(f"max_rank must lie in 0..R={r}, got {max_rank}")
+
+
 # --------------------------------------------------------------------------- the op
 @torch.library.custom_op("lorart::cuda_lora_decode", mutates_args=(), device_types="cuda")
 def cuda_lora_decode(
@@ -79,7 +130,14 @@ def cuda_lora_decode(
         adapter_ids: int32 ``[M]`` in ``-1..S-1``, or None (every row uses adapter 0).
         group_size, scheme: of the packed weight (scheme 0 asym, 1 sym, 2 nf4).
         max_rank: the largest adapter rank (row stride of the fp32 shrink output).
+
+    Shapes and dtypes are checked here; the *values* of ``adapter_ids`` and
+    ``rank_offsets`` are not (that would need a device sync): callers pass ids
+    validated by ``AdapterBatch`` and offsets from an ``AdapterStack``, as the op
+    surface does.
     """
+    _check_op_args(x, weight, scales, offsets, bias, lora_a, lora_b, rank_offsets,
+                   lora_scales, adapter_ids, group_size, scheme, max_rank)
     mod = _module()
     m, k = x.shape
     n = weight.shape[0]
@@ -124,6 +182,8 @@ def cuda_lora_decode(
 @cuda_lora_decode.register_fake
 def _cuda_lora_decode_fake(x, weight, scales, offsets, bias, lora_a, lora_b, rank_offsets,
                            lora_scales, adapter_ids, group_size, scheme, max_rank):
+    _check_op_args(x, weight, scales, offsets, bias, lora_a, lora_b, rank_offsets, lora_scales,
+                   adapter_ids, group_size, scheme, max_rank)
     return x.new_empty(x.shape[0], weight.shape[0])
 
 

@@ -1,0 +1,1 @@
+"""Subcommands of the ``lorart`` CLI, one module each (see ``lorart.cli``)."""

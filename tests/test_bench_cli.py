@@ -198,3 +198,10 @@ def test_end_to_end_case_says_what_it_needs(monkeypatch):
     (rec,) = e2e.run_case(case, RunConfig(impl_pattern="lorart"))
     assert rec["status"] == "skipped"
     assert rec["reason"] == "needs lorart.from_gguf (not in this build)"
+
+
+def test_registered_as_lorart_subcommand(capsys):
+    from lorart.cli import main as lorart_main
+
+    assert lorart_main(["bench", "--tiny", "--list", "--cases", "train"]) == 0
+    assert capsys.readouterr().out.split() == [c.id for c in cases.select("tiny", "train")]

@@ -65,7 +65,7 @@ def _speedups(rec: dict) -> str:
     return ", ".join(f"{v:.2f}× {k}" for k, v in sorted(sp.items())) or "-"
 
 
-COLUMNS = ("impl", "median", "IQR/2", "GB/s", "%BW", "GFLOP/s", "%peak", "%roof", "speedup")
+COLUMNS = ("impl", "median", "±IQR/2", "GB/s", "%BW", "GFLOP/s", "%peak", "%roof", "speedup")
 
 
 def row_cells(rec: dict) -> list[str]:
@@ -143,7 +143,8 @@ def markdown(records: list[dict], ceilings: dict, ctx: dict, plots: list[str],
     for dtype, rate in ceilings["matmul_gflops"].items():
         side = ceilings["matmul_side"]
         md.append(f"| matmul {dtype} ({side}×{side}) | {rate:.0f} GFLOP/s |")
-    md += ["", "Best of several tries each. `%BW` = achieved GB/s over the read bandwidth, "
+    md += ["", "Best of several tries each. `±IQR/2` = half the interquartile range of "
+           "the samples, relative to the median. `%BW` = achieved GB/s over the read bandwidth, "
            "`%peak` = achieved FLOP/s over the matmul rate of the case's dtype, `%roof` = "
            "the roofline time max(bytes/BW, FLOPs/peak) over the measured time. Bytes and "
            "FLOPs are the ideal counts of `lorart.bench.roofline` (packed weight, used "

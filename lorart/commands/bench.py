@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip an implementation whose single call takes longer "
                              "(default: 5 quick/tiny, 20 full)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads for the run (default: torch's choice)")
+                        help="torch.set_num_threads for the run (default: torch's choice; "
+                             "the C++ backend follows OMP_NUM_THREADS)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

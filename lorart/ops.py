@@ -181,6 +181,7 @@ def lora_linear(
         lora = LoRAArgs(lora_a.contiguous(), lora_b.contiguous(), [0, r], [float(scale)])
     if bias is not None:
         _check_like_x(bias, "bias", (n,), x)
+        bias = bias.contiguous()
     lead = x.shape[:-1]
     y = _run(_rows(x, k), _contiguous_base(base), bias, lora, None)
     return y.reshape(*lead, n)
@@ -216,6 +217,7 @@ def multi_lora_linear(
         raise ValueError(f"stack is on {stack.device} but x is on {x.device}")
     if bias is not None:
         _check_like_x(bias, "bias", (n,), x)
+        bias = bias.contiguous()
     lead = x.shape[:-1]
     x2 = _rows(x, k)
     batch = _as_batch(adapter_ids, stack.num_adapters, x2.shape[0], x.device)

@@ -88,9 +88,10 @@ def test_set_isa_rejects_unknown():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
-@pytest.mark.parametrize("scale_dtype", (torch.float16, torch.float32))
-def test_quantized_forward(isa, path, backend, dtype, scheme, group_size, scale_dtype):
+def test_quantized_forward(isa, path, backend, dtype, scheme, group_size):
     n, k = 37, 2 * group_size
+    # Both scale dtypes, alternating over group sizes (halves the run time).
+    scale_dtype = torch.float16 if group_size in (32, 128) else torch.float32
     qw = lorart.quantize(torch.randn(n, k), group_size, scheme, scale_dtype)
     bias = torch.randn(n).to(dtype)
     lora = _lora(5, k, n, dtype)

@@ -150,7 +150,8 @@ def markdown(records: list[dict], ceilings: dict, ctx: dict, plots: list[str],
            "FLOPs are the ideal counts of `lorart.bench.roofline` (packed weight, used "
            "adapters, x and y). Speedup = baseline median / lorart median (> 1: lorart is "
            "faster). `(!)` marks output that differs from the first baseline's by more than "
-           "5% of its largest value.", ""]
+           "5% of its largest value. A share above 100% means the measured ceiling was low "
+           "(a busy machine during the ceiling runs), not a faster-than-memory kernel.", ""]
     if regressions is not None:
         md += ["## Regressions against the previous run", ""]
         if regressions:
@@ -274,12 +275,16 @@ def plot_roofline_pct(records: list[dict], path: Path) -> bool:
     panels = _rows_series(records)
     if not panels:
         return False
+    # One colour per implementation across every panel.
+    impls = sorted({impl for series in panels.values() for impl in series})
+    colors = {impl: f"C{i}" for i, impl in enumerate(impls)}
     fig, axes = _grid(len(panels))
     for ax, (panel, series) in zip(axes, sorted(panels.items())):
         for impl, pts in sorted(series.items()):
             pts.sort(key=lambda p: p[0])
             ax.plot([m for m, _ in pts], [r["pct_roofline"] for _, r in pts], marker="o",
-                    label=impl, ls="-" if impl.startswith("lorart") else "--")
+                    label=impl, color=colors[impl],
+                    ls="-" if impl.startswith("lorart") else "--")
         ax.axhline(100, color="grey", lw=1)
         _style_axes(ax, "% of roofline (ideal time / measured time)")
         ax.set_title(panel, fontsize=9)

@@ -62,7 +62,7 @@ def _spread(rec: dict) -> str:
 
 def _speedups(rec: dict) -> str:
     sp = rec.get("speedup") or {}
-    return ", ".join(f"{v:.2f}× {k}" for k, v in sorted(sp.items())) or "-"
+    return ", ".join(f"{v:.3g}× {k}" for k, v in sorted(sp.items())) or "-"
 
 
 COLUMNS = ("impl", "median", "±IQR/2", "GB/s", "%BW", "GFLOP/s", "%peak", "%roof", "speedup")

@@ -5,6 +5,9 @@
     LORART_BENCH_MODE=full LORART_BENCH_CASES='llama3-8b' pytest benchmarks/bench_suite.py
     pytest benchmarks/bench_suite.py -k 'lorart or peft_unfused' --benchmark-json out.json
 
+``LORART_BENCH_BUDGET`` (seconds per test, default 0.5) sizes the rounds; every round is
+one call after the last-level cache was evicted.
+
 One test per (case, implementation): each lorart backend and each baseline of
 ``lorart.bench.impls``; an implementation that cannot run a case is skipped with the
 reason. ``extra_info`` carries the case, its ideal bytes and FLOPs, so GB/s and FLOP/s
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import pytest
 import torch
@@ -25,7 +29,7 @@ from lorart.bench import cases as case_table
 from lorart.bench.impls import all_impls, forced_backend
 from lorart.bench.inputs import make_inputs
 from lorart.bench.suite import case_work
-from lorart.bench.timing import synchronizer
+from lorart.bench.timing import cache_flusher, synchronizer
 
 MODE = os.environ.get("LORART_BENCH_MODE", "quick")
 DEVICE = torch.device(os.environ.get("LORART_BENCH_DEVICE")
@@ -33,6 +37,12 @@ DEVICE = torch.device(os.environ.get("LORART_BENCH_DEVICE")
 CASES = [c for c in case_table.select(MODE, os.environ.get("LORART_BENCH_CASES"))
          if c.kind == "layer"]
 IMPLS = all_impls(DEVICE)
+ROUND_BUDGET_S = float(os.environ.get("LORART_BENCH_BUDGET", "0.5"))
+_EVICT = cache_flusher(DEVICE)
+
+
+def _flush() -> None:
+    _EVICT()  # pytest-benchmark reads a setup's return value as arguments: return None
 # Case-major order, so the inputs of one case are built once and dropped before the next.
 PAIRS = [pytest.param(case, impl, id=f"{case.id}|{impl.name}") for case in CASES
          for impl in IMPLS]
@@ -70,6 +80,11 @@ def test_case(benchmark, inputs_of, case, impl):
 
         grad = torch.no_grad() if case.direction == "fwd" else contextlib.nullcontext()
         with grad:
-            call()  # warm-up: lazy init, caches and the allocator are not what we time
+            start = time.perf_counter()
+            call()  # warm-up: lazy init and the allocator are not what we time
             call()
-            benchmark(call)
+            per_call = (time.perf_counter() - start) / 2
+            # One call per round on a cold last-level cache (the untimed setup evicts it),
+            # as lorart bench does: in a model no layer's weight stays in cache.
+            rounds = int(min(200, max(5, ROUND_BUDGET_S / max(per_call, 1e-6))))
+            benchmark.pedantic(call, setup=_flush, rounds=rounds, iterations=1)

@@ -143,7 +143,13 @@ def markdown(records: list[dict], ceilings: dict, ctx: dict, plots: list[str],
     for dtype, rate in ceilings["matmul_gflops"].items():
         side = ceilings["matmul_side"]
         md.append(f"| matmul {dtype} ({side}×{side}) | {rate:.0f} GFLOP/s |")
-    md += ["", "Best of several tries each. `±IQR/2` = half the interquartile range of "
+    cold = any(r.get("cold_cache") for r in records)
+    md += ["", "Layer timings: " + ("each sample is one call after the last-level cache was "
+                                    "evicted (as in a model, where every layer's weight "
+                                    "comes from memory)." if cold else
+                                    "warm cache (`--warm-cache`): a lone layer's weight may "
+                                    "sit in cache, inflating decode GB/s.")]
+    md += ["", "Ceilings: best of several tries each. `±IQR/2` = half the interquartile range of "
            "the samples, relative to the median. `%BW` = achieved GB/s over the read bandwidth, "
            "`%peak` = achieved FLOP/s over the matmul rate of the case's dtype, `%roof` = "
            "the roofline time max(bytes/BW, FLOPs/peak) over the measured time. Bytes and "

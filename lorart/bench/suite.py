@@ -21,7 +21,7 @@ from .cases import Case, EndToEndCase, LayerCase
 from .impls import BASE_ONLY, Impl, all_impls, forced_backend
 from .inputs import LayerInputs, make_inputs
 from .machine import context, measure_ceilings, peak_gflops
-from .timing import TooSlow, measure
+from .timing import TooSlow, cache_flusher, measure
 
 SCHEMA = "lorart.bench/1"
 # An implementation whose output differs from the first baseline's by more than this
@@ -43,6 +43,7 @@ class RunConfig:
     impl_pattern: str | None = None
     seed: int = 0
     progress: bool = True
+    cold_cache: bool = True  # evict the last-level cache before each layer sample
 
     def impls(self) -> list[Impl]:
         impls = all_impls(self.device)
@@ -59,6 +60,7 @@ def run(cases: list[Case], cfg: RunConfig) -> tuple[list[dict], dict, dict]:
     ctx = context(cfg.device)
     ceilings = measure_ceilings(cfg.device, cfg.mode)
     impls = cfg.impls()
+    flush = cache_flusher(cfg.device) if cfg.cold_cache else None
     total = sum(len(impls) if isinstance(c, LayerCase) else 1 for c in cases)
     records: list[dict] = []
     with tqdm(total=total, desc="lorart bench", unit="run", file=sys.stderr,
@@ -69,8 +71,9 @@ def run(cases: list[Case], cfg: RunConfig) -> tuple[list[dict], dict, dict]:
                 recs = e2e.run_case(case, cfg)
                 bar.update(1)
             else:
-                recs = _run_layer_case(case, impls, cfg, ceilings, bar)
+                recs = _run_layer_case(case, impls, cfg, ceilings, bar, flush)
             for rec in recs:
+                rec["cold_cache"] = cfg.cold_cache and case.kind == "layer"
                 rec["context"] = ctx
                 rec["ceilings"] = ceilings
             records += recs
@@ -117,7 +120,7 @@ def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _run_layer_case(case: LayerCase, impls: list[Impl], cfg: RunConfig, ceilings: dict,
-                    bar) -> list[dict]:
+                    bar, flush=None) -> list[dict]:
     try:
         inp = make_inputs(case, cfg.device, cfg.seed)
     except Exception as exc:  # e.g. out of memory for the biggest shapes
@@ -141,7 +144,7 @@ def _run_layer_case(case: LayerCase, impls: list[Impl], cfg: RunConfig, ceilings
                 # Inference is timed as users run it: without autograd bookkeeping.
                 with torch.no_grad() if case.direction == "fwd" else contextlib.nullcontext():
                     timing = measure(fn, cfg.device, cfg.budget_s, cfg.min_reps,
-                                     cfg.max_reps, cfg.max_call_s)
+                                     cfg.max_reps, cfg.max_call_s, flush=flush)
                     out = fn() if case.direction == "fwd" else None
         except TooSlow as exc:
             rec.update(status="skipped", reason=str(exc))

@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (default: torch's choice; "
                              "the C++ backend follows OMP_NUM_THREADS)")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="do not evict the last-level cache before each layer sample "
+                             "(a lone layer's weight can then sit in L3/L2, unlike in a model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -108,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
             mode=args.mode, device=device,
             budget_s=args.budget if args.budget is not None else BUDGETS[args.mode],
             max_call_s=args.max_call_s if args.max_call_s is not None else MAX_CALL_S[args.mode],
-            impl_pattern=args.impls, seed=args.seed, progress=not args.no_progress)
+            impl_pattern=args.impls, seed=args.seed, progress=not args.no_progress,
+            cold_cache=not args.warm_cache)
         start = time.perf_counter()
         records, ceilings, ctx = suite.run(cases, cfg)
         elapsed = time.perf_counter() - start

@@ -167,6 +167,22 @@ def test_multi_adapter_forward(isa, path, monkeypatch, dtype, num_adapters, patt
         assert_close(y, expected, dtype, what=f"{isa} {path} m={m}")
 
 
+@pytest.mark.parametrize("chunk_bytes", (1 << 30, 2048))  # one chunk; chunks of 8 rows
+def test_bf16_library_gemm_path(isa, backend, monkeypatch, chunk_bytes):
+    monkeypatch.setattr(cpu, "LIBRARY_GEMM_MIN_ROWS", 2)
+    monkeypatch.setattr(cpu, "_LIBRARY_CHUNK_BYTES", chunk_bytes)
+    n, k = 37, 128
+    qw = lorart.quantize(torch.randn(n, k), 64, "nf4")
+    bias = torch.randn(n).to(torch.bfloat16)
+    lora = LoRAArgs(torch.randn(7, k).bfloat16(), torch.randn(n, 7).bfloat16(), [0, 3, 7],
+                    [0.5, 2.0])
+    x, ids = torch.randn(5, k).bfloat16(), torch.tensor([0, 1, -1, 1, 0], dtype=torch.int32)
+    y, expected = _forward_both(backend, x, qw, bias, lora, ids)
+    assert_close(y, expected, torch.bfloat16)
+    y, expected = _forward_both(backend, x, qw, None, None, None)
+    assert_close(y, expected, torch.bfloat16)
+
+
 def test_large_shape(backend):
     n, k = 4096, 4096
     qw = lorart.quantize(torch.randn(n, k), 128, "asym")

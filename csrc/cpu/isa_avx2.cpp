@@ -38,6 +38,17 @@ struct V {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
+  // p[2j] = lo[j], p[2j + 1] = hi[j] (natural k order of a chunk).
+  static void store_natural(float* p, R lo, R hi) {
+    const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);
+    _mm256_storeu_ps(p, _mm256_permute2f128_ps(a, b, 0x20));
+    _mm256_storeu_ps(p + 8, _mm256_permute2f128_ps(a, b, 0x31));
+  }
+  static void store_bf16(uint16_t* p, R v) {
+    alignas(32) float f[8];
+    _mm256_store_ps(f, v);
+    for (int i = 0; i < 8; ++i) p[i] = lorart::float_to_bf16_bits(f[i]);
+  }
   static Table make_table(const float* table16, float scale, float offset) {
     const __m256 s = _mm256_set1_ps(scale), o = _mm256_set1_ps(offset);
     return {_mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(table16), s), o),
@@ -61,7 +72,7 @@ struct V {
 }  // namespace
 
 const ::lorart::cpu::KernelTable* ::lorart::cpu::kernels_avx2() {
-  static const KernelTable table{"avx2", &forward<V>, &backward<V>};
+  static const KernelTable table{"avx2", &forward<V>, &backward<V>, &dequantize<V>, &lora_add<V>};
   return &table;
 }
 

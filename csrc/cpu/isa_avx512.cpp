@@ -34,6 +34,26 @@ struct V {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+  // p[2j] = lo[j], p[2j + 1] = hi[j] (natural k order of a chunk).
+  static void store_natural(float* p, R lo, R hi) {
+    const __m512 a = _mm512_unpacklo_ps(lo, hi), b = _mm512_unpackhi_ps(lo, hi);
+    const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i second =
+        _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+    _mm512_storeu_ps(p, _mm512_permutex2var_ps(a, first, b));
+    _mm512_storeu_ps(p + 16, _mm512_permutex2var_ps(a, second, b));
+  }
+  // Round to nearest even, NaN kept NaN (as float_to_bf16_bits).
+  static void store_bf16(uint16_t* p, R v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(u, lsb), _mm512_set1_epi32(0x7fff)), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan,
+                              _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
   static Table make_table(const float* table16, float scale, float offset) {
     const __m512 t = _mm512_mul_ps(_mm512_loadu_ps(table16), _mm512_set1_ps(scale));
     return {_mm512_add_ps(t, _mm512_set1_ps(offset))};
@@ -52,7 +72,7 @@ struct V {
 }  // namespace
 
 const ::lorart::cpu::KernelTable* ::lorart::cpu::kernels_avx512() {
-  static const KernelTable table{"avx512", &forward<V>, &backward<V>};
+  static const KernelTable table{"avx512", &forward<V>, &backward<V>, &dequantize<V>, &lora_add<V>};
   return &table;
 }
 

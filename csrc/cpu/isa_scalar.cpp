@@ -27,6 +27,11 @@ struct V {
   static float hsum(R v) { return v; }
   static float half_to_float(uint16_t h) { return lorart::fp16_bits_to_float(h); }
   static R load_bf16(const uint16_t* p) { return lorart::bf16_bits_to_float(*p); }
+  static void store_natural(float* p, R lo, R hi) {
+    p[0] = lo;
+    p[1] = hi;
+  }
+  static void store_bf16(uint16_t* p, R v) { *p = lorart::float_to_bf16_bits(v); }
   static Table make_table(const float* table16, float scale, float offset) {
     Table t;
     for (int q = 0; q < 16; ++q)
@@ -44,6 +49,6 @@ struct V {
 }  // namespace
 
 const ::lorart::cpu::KernelTable* ::lorart::cpu::kernels_scalar() {
-  static const KernelTable table{"scalar", &forward<V>, &backward<V>};
+  static const KernelTable table{"scalar", &forward<V>, &backward<V>, &dequantize<V>, &lora_add<V>};
   return &table;
 }

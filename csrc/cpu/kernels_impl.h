@@ -294,7 +294,7 @@ void forward_decode(const api::ForwardArgs& a, const float* x, int64_t ldx, cons
   const api::WeightArgs& w = a.w;
   const int64_t m = a.m, n = w.n, k = w.k;
   const QuantView q(w);
-#pragma omp parallel for schedule(static) if (m * n * k > kParallelMinWork)
+#pragma omp parallel for schedule(dynamic, 16) if (m * n * k > kParallelMinWork)
   for (int64_t nb = 0; nb < (n + kDecodeCols - 1) / kDecodeCols; ++nb) {
     const int64_t n0 = kDecodeCols * nb;
     const int nt = static_cast<int>(std::min<int64_t>(kDecodeCols, n - n0));
@@ -347,6 +347,11 @@ void forward_decode(const api::ForwardArgs& a, const float* x, int64_t ldx, cons
 // ------------------------------------------------------------------ GEMM (many rows)
 constexpr int kGemmRows = 6;         // MR: rows of the register tile (MR x 2 vectors)
 constexpr int64_t kGemmDepth = 256;  // KC: reduction block; a multiple of every group size
+// Strips of 2W output columns one thread owns for the whole reduction: no barrier per KC
+// block (on a shared machine each barrier can wait a scheduler tick for a descheduled
+// thread), and the A block [M, KC] stays in L2 across the block's 8 strips.
+constexpr int64_t kStripsPerBlock = 8;
+constexpr int64_t kGemmTileRows = 96;  // rows of W per dequantized tile (96 x 256 fp32 in L2)
 
 // c[MR, 2W] (+)= a[MR, kc] · bp[kc, 2W] with bp packed row-major (2W floats per k).
 template <class V, int MR>
@@ -409,60 +414,79 @@ void gemm_rows(int64_t m, int64_t kc, const float* a, int64_t lda, const float* 
                   ldc, first);
 }
 
-// Pack Wᵀ[k0:k0+kc, n0:n0+2W] (k in chunk-permuted order when quantized), zero past N.
+// Rows n0..n0+nb of W, k in [k0, k0 + kc), as float32 into tile [nb, KC] (k in the
+// chunk-permuted order when quantized, natural when dense): contiguous vector stores.
 template <class V>
-void pack_wt(const api::WeightArgs& w, const QuantView& q, DType dt, int64_t n0, int64_t k0,
-             int64_t kc, float* bp) {
-  constexpr int W = V::W, NR = 2 * W;
-  float vals[NR];
-  for (int jj = 0; jj < NR; ++jj) {
-    const int64_t n = n0 + jj;
-    if (n >= w.n) {
-      for (int64_t kk = 0; kk < kc; ++kk) bp[kk * NR + jj] = 0.0f;
-    } else if (w.quantized) {
+void dequantize_tile(const api::WeightArgs& w, const QuantView& q, DType dt, int64_t n0, int64_t nb,
+                     int64_t k0, int64_t kc, float* tile) {
+  constexpr int W = V::W;
+  for (int64_t r = 0; r < nb; ++r) {
+    float* dst = tile + r * kGemmDepth;
+    const int64_t n = n0 + r;
+    if (w.quantized) {
       const uint8_t* row = q.row(n);
       for (int64_t kk = k0; kk < k0 + kc; kk += w.group_size) {
         const typename V::Table tab = q.template group_table<V>(n, kk / w.group_size);
-        for (int64_t c = kk; c < kk + w.group_size; c += NR) {
+        for (int64_t c = kk; c < kk + w.group_size; c += 2 * W) {
           typename V::R lo, hi;
           V::decode(row + c / 2, tab, lo, hi);
-          V::store(vals, lo);
-          V::store(vals + W, hi);
-          for (int i = 0; i < NR; ++i) bp[(c - k0 + i) * NR + jj] = vals[i];
+          V::store(dst + c - k0, lo);
+          V::store(dst + c - k0 + W, hi);
         }
       }
+    } else if (dt == DType::kF32) {
+      std::memcpy(dst, static_cast<const float*>(w.dense) + n * w.k + k0, kc * sizeof(float));
     } else {
-      const void* wrow = advance(w.dense, dt, n * w.k);
-      for (int64_t kk = 0; kk < kc; ++kk) bp[kk * NR + jj] = load_f32(wrow, dt, k0 + kk);
+      const uint16_t* src = static_cast<const uint16_t*>(w.dense) + n * w.k + k0;
+      int64_t kk = 0;
+      for (; kk + W <= kc; kk += W) V::store(dst + kk, V::load_bf16(src + kk));
+      for (; kk < kc; ++kk) dst[kk] = lorart::bf16_bits_to_float(src[kk]);
     }
   }
 }
 
+// y = x Wᵀ computed as yᵀ [N, M] = W xᵀ: a tile of W rows is dequantized once per KC
+// block into L2 (row-major, as the unpack produces it) and is the broadcast operand of
+// the MR x 2W register tile; xᵀ is packed once per call into [M/2W][K][2W] panels.
+// (The first version packed Wᵀ instead: its strided scalar stores cost 17 ms of the
+// 18 ms of an 8-row 4096x4096 call.)
 template <class V>
 void forward_gemm(const api::ForwardArgs& a, const float* x, int64_t ldx, const float* t,
                   int64_t tr) {
   constexpr int NR = 2 * V::W;
   const api::WeightArgs& w = a.w;
   const int64_t m = a.m, n = w.n, k = w.k;
-  const int64_t strips = (n + NR - 1) / NR, npad = strips * NR;
+  const int64_t mstrips = (m + NR - 1) / NR, mpad = mstrips * NR;
   const QuantView q(w);
-  FloatBuf yacc = alloc_floats(m * npad);
-  if (k == 0) std::fill(yacc.get(), yacc.get() + m * npad, 0.0f);
+  FloatBuf xpk = alloc_floats(mstrips * k * NR);
+#pragma omp parallel for schedule(static) if (m * k > kParallelMinWork)
+  for (int64_t st = 0; st < mstrips; ++st)
+    for (int64_t kk = 0; kk < k; ++kk)
+      for (int c = 0; c < NR; ++c) {
+        const int64_t i = st * NR + c;
+        xpk[(st * k + kk) * NR + c] = i < m ? x[i * ldx + kk] : 0.0f;
+      }
+  FloatBuf yt = alloc_floats(n * mpad);
+  if (k == 0) std::fill(yt.get(), yt.get() + n * mpad, 0.0f);
+  const int64_t blocks = (n + kGemmTileRows - 1) / kGemmTileRows;
 #pragma omp parallel if (m * n * k > kParallelMinWork)
   {
-    FloatBuf bp = alloc_floats(kGemmDepth * NR);
-    for (int64_t k0 = 0; k0 < k; k0 += kGemmDepth) {
-      const int64_t kc = std::min(kGemmDepth, k - k0);
-#pragma omp for schedule(static)
-      for (int64_t j = 0; j < strips; ++j) {
-        pack_wt<V>(w, q, a.dtype, j * NR, k0, kc, bp.get());
-        gemm_rows<V>(m, kc, x + k0, ldx, bp.get(), yacc.get() + j * NR, npad, k0 == 0);
+    FloatBuf tile = alloc_floats(kGemmTileRows * kGemmDepth);
+#pragma omp for schedule(dynamic)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t n0 = blk * kGemmTileRows, nb = std::min(kGemmTileRows, n - n0);
+      for (int64_t k0 = 0; k0 < k; k0 += kGemmDepth) {
+        const int64_t kc = std::min(kGemmDepth, k - k0);
+        dequantize_tile<V>(w, q, a.dtype, n0, nb, k0, kc, tile.get());
+        for (int64_t st = 0; st < mstrips; ++st)
+          gemm_rows<V>(nb, kc, tile.get(), kGemmDepth, xpk.get() + (st * k + k0) * NR,
+                       yt.get() + n0 * mpad + st * NR, mpad, k0 == 0);
       }
     }
   }
 #pragma omp parallel for schedule(static) if (m * n > kParallelMinWork)
   for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) finish<V>(a, t, tr, i, j, yacc[i * npad + j]);
+    for (int64_t j = 0; j < n; ++j) finish<V>(a, t, tr, i, j, yt[j * mpad + i]);
 }
 
 // Dispatch between the fused decode GEMV and the tiled GEMM (see isa_*.cpp for the
@@ -493,6 +517,57 @@ void forward(const api::ForwardArgs& a, int64_t decode_max_rows) {
   } else {
     forward_gemm<V>(a, xg, ldg, t, tr);
   }
+}
+
+// ------------------------------------------------------------------ library-GEMM path
+// Rows n0..n1 of W dequantized in natural k order into out [n1 - n0, K] (fp32 or bf16):
+// the operand of a library GEMM when many bf16 rows make that faster than the fused
+// kernels (see lorart/backend/cpu.py, LIBRARY_GEMM_MIN_ROWS).
+template <class V>
+void dequantize(const api::WeightArgs& w, int64_t n0, int64_t n1, DType dt, void* out) {
+  constexpr int NR = 2 * V::W;
+  const QuantView q(w);
+  const int64_t k = w.k, g = w.group_size;
+#pragma omp parallel if ((n1 - n0) * k > kParallelMinWork)
+  {
+    FloatBuf row_store = alloc_floats(k);
+    float* row = row_store.get();
+#pragma omp for schedule(static)
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* src = q.row(n);
+      for (int64_t gi = 0; gi < k / g; ++gi) {
+        const typename V::Table tab = q.template group_table<V>(n, gi);
+        for (int64_t c = gi * g; c < (gi + 1) * g; c += NR) {
+          typename V::R lo, hi;
+          V::decode(src + c / 2, tab, lo, hi);
+          V::store_natural(row + c, lo, hi);
+        }
+      }
+      if (dt == DType::kF32) {
+        std::memcpy(static_cast<float*>(out) + (n - n0) * k, row, k * sizeof(float));
+      } else {
+        uint16_t* dst = static_cast<uint16_t*>(out) + (n - n0) * k;
+        for (int64_t c = 0; c < k; c += V::W) V::store_bf16(dst + c, V::load(row + c));
+      }
+    }
+  }
+}
+
+template <class V>
+void lora_add(const api::ForwardArgs& a) {
+  const int64_t m = a.m, n = a.w.n, k = a.w.k;
+  if (m == 0 || n == 0 || !has_lora(a.lora)) return;
+  FloatBuf x_store;
+  int64_t ldx = 0;
+  const float* x = rows_as_f32<V>(a.x, a.dtype, m, k, a.ldx, x_store, &ldx);
+  const int64_t tr = max_rank(a.lora);
+  FloatBuf t = lora_shrink<V>(a.lora, a.dtype, x, ldx, m, k, tr);
+  api::ForwardArgs no_bias = a;
+  no_bias.bias = nullptr;
+#pragma omp parallel for schedule(static) if (m * n * tr > kParallelMinWork)
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      finish<V>(no_bias, t.get(), tr, i, j, load_f32(a.y, a.dtype, i * a.ldy + j));
 }
 
 // ------------------------------------------------------------------ backward
@@ -553,15 +628,19 @@ void backward(const api::BackwardArgs& a) {
     const QuantView q(w);
     const int64_t strips = (k + NR - 1) / NR, kpad = strips * NR;
     FloatBuf dxacc = alloc_floats(m * kpad);
+    const int64_t blocks = (strips + kStripsPerBlock - 1) / kStripsPerBlock;
 #pragma omp parallel if (m * n * k > kParallelMinWork)
     {
       FloatBuf bp = alloc_floats(kGemmDepth * NR);
-      for (int64_t n0 = 0; n0 < n; n0 += kGemmDepth) {
-        const int64_t nc = std::min(kGemmDepth, n - n0);
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < strips; ++j) {
-          pack_w<V>(w, q, a.dtype, n0, nc, j * NR, bp.get());
-          gemm_rows<V>(m, nc, dy + n0, lddy, bp.get(), dxacc.get() + j * NR, kpad, n0 == 0);
+#pragma omp for schedule(dynamic)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t j1 = std::min(strips, (blk + 1) * kStripsPerBlock);
+        for (int64_t n0 = 0; n0 < n; n0 += kGemmDepth) {
+          const int64_t nc = std::min(kGemmDepth, n - n0);
+          for (int64_t j = blk * kStripsPerBlock; j < j1; ++j) {
+            pack_w<V>(w, q, a.dtype, n0, nc, j * NR, bp.get());
+            gemm_rows<V>(m, nc, dy + n0, lddy, bp.get(), dxacc.get() + j * NR, kpad, n0 == 0);
+          }
         }
       }
     }

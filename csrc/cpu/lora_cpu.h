@@ -68,6 +68,10 @@ struct KernelTable {
   const char* name;
   void (*forward)(const ForwardArgs&, int64_t decode_max_rows);
   void (*backward)(const BackwardArgs&);
+  // out [n1 - n0, K] (float32 or bfloat16) = rows n0..n1 of a quantized W, dequantized.
+  void (*dequantize)(const WeightArgs&, int64_t n0, int64_t n1, DType out_dtype, void* out);
+  // y += LoRA(x) for a y that already holds x Wᵀ + bias (the library-GEMM path).
+  void (*lora_add)(const ForwardArgs&);
 };
 
 // Each returns nullptr when its TU was built without the ISA (e.g. on aarch64).

@@ -190,6 +190,39 @@ void backward(int64_t m, int dtype, uintptr_t dy, int64_t lddy, uintptr_t x, int
   table->backward(args);
 }
 
+// out [n1 - n0, K] = rows n0..n1 of a quantized W, dequantized (dtype 0 fp32, 1 bf16).
+void dequantize(int64_t n, int64_t k, int scheme, uintptr_t weight, uintptr_t scales,
+                uintptr_t offsets, int scale_dtype, int group_size, int64_t n0, int64_t n1,
+                uintptr_t out, int dtype) {
+  const lorart::cpu::WeightArgs w =
+      weight_args(n, k, scheme, weight, scales, offsets, scale_dtype, group_size);
+  if (!w.quantized) throw std::invalid_argument("dequantize: the weight is not quantized");
+  if (n0 < 0 || n1 > n || n0 > n1) throw std::invalid_argument("dequantize: bad row range");
+  const DType dt = dtype_of(dtype, "out");
+  const KernelTable* table = active().load();
+  py::gil_scoped_release release;
+  table->dequantize(w, n0, n1, dt, reinterpret_cast<void*>(out));
+}
+
+// y [M, N] (holding x Wᵀ + bias) += the LoRA terms.
+void lora_add(int64_t m, int dtype, uintptr_t x, int64_t ldx, int64_t n, int64_t k, uintptr_t a,
+              uintptr_t b, int64_t total_rank, const std::vector<int64_t>& rank_offsets,
+              const std::vector<float>& lora_scales, uintptr_t ids, uintptr_t y, int64_t ldy) {
+  lorart::cpu::ForwardArgs args;
+  args.m = m;
+  args.dtype = dtype_of(dtype, "x");
+  args.x = ptr<void>(x);
+  args.ldx = ldx;
+  args.y = reinterpret_cast<void*>(y);
+  args.ldy = ldy;
+  args.w.n = n;
+  args.w.k = k;
+  args.lora = adapter_args(a, b, total_rank, rank_offsets, lora_scales, ids);
+  const KernelTable* table = active().load();
+  py::gil_scoped_release release;
+  table->lora_add(args);
+}
+
 // Sum of `count` floats read once, all threads: a streaming-read bandwidth probe for
 // benchmarks/bandwidth.py (the compiler vectorizes the inner loop at baseline SSE2).
 double stream_sum(uintptr_t data, int64_t count) {
@@ -223,6 +256,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "lorart C++ kernels (no libtorch: raw pointers and sizes from Python)";
   m.def("cpu_forward", &forward, "Fused base + LoRA forward (see lorart/backend/cpu.py)");
   m.def("cpu_backward", &backward, "Fused LoRA backward for a frozen base");
+  m.def("cpu_dequantize", &dequantize, "Rows of a 4-bit W, dequantized");
+  m.def("cpu_lora_add", &lora_add, "y += LoRA(x) for y = x W^T + bias");
   m.def("set_isa", &set_isa, py::arg("isa"), "Force 'scalar', 'avx2' or 'avx512' kernels");
   m.def("isa", []() { return std::string(active().load()->name); }, "The ISA in use");
   m.def("available_isas", &available_isas, "ISAs this build and CPU support, best first");

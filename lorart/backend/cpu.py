@@ -33,11 +33,24 @@ _DENSE = -1
 
 # Rows up to which the forward runs the fused decode GEMV (each packed byte unpacked once
 # for up to 4 rows at a time, LoRA added in the same pass); above it, the tiled GEMM
-# (W dequantized 256×32 at a time into an L1 panel, 6×32 FMA register tile).
-# Measured on the 2-core AVX-512 EPYC dev machine, 4096×4096 asym g128 fp32, rank 16
-# (benchmarks/bench_cpu_lora.py --crossover): see DECODE_MAX_ROWS_MEASUREMENT.
-DECODE_MAX_ROWS = 8
-DECODE_MAX_ROWS_MEASUREMENT = "to be filled in from benchmarks/bench_cpu_lora.py --crossover"
+# (96x256 tiles of W dequantized into L2, 6x32 fp32 FMA register tile, LoRA epilogue).
+# Measured (4096x4096 asym g128, one thread, AVX-512, shared machine so +-30%):
+#   rows      8        16       17       32
+#   decode  2.5 ms   5.4 ms   5.4 ms   14.7 ms
+#   gemm    6.1 ms   6.8 ms   5.9 ms    6.8 ms   (pads rows to 32: flat up to 32)
+# `pytest benchmarks/bench_cpu_lora.py -k crossover` repeats it with all threads.
+DECODE_MAX_ROWS = 16
+
+# bfloat16 with at least this many rows and a 4-bit base: W is dequantized to bf16 (C++,
+# SIMD) and multiplied by torch's bf16 GEMM (oneDNN, AVX512-BF16), then the C++ LoRA
+# epilogue is added. torch's bf16 GEMM ran ~920 GFLOP/s here against ~330 for the fp32
+# FMA tile of the fused GEMM (4096x4096, 512 rows: 18.6 ms vs 52 ms), which no fusion
+# saving can make up; fp32 keeps the fused GEMM (torch fp32 matmul: 81 ms there).
+LIBRARY_GEMM_MIN_ROWS = 64
+# Dequantized W rows per GEMM call. Smaller chunks would stay in L3, but oneDNN ran
+# 1024-row chunks ~50% slower than one 4096-row call (4096x4096, 512 rows), so layers up
+# to 64 MiB of bf16 W are dequantized whole (a transient buffer) and larger ones in chunks.
+_LIBRARY_CHUNK_BYTES = 64 << 20
 
 
 # A Python mirror of the ISA in use, so status() reads no pybind function while
@@ -108,9 +121,12 @@ def _forward_impl(
     x = _rows(x)
     m = x.shape[0]
     n = weight.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype)
     if m == 0 or n == 0:
-        return y
+        return torch.empty((m, n), dtype=x.dtype)
+    if scheme != _DENSE and x.dtype == torch.bfloat16 and m >= LIBRARY_GEMM_MIN_ROWS:
+        return _forward_library(x, weight, scales, offsets, scheme, group_size, bias, a, b,
+                                rank_offsets, lora_scales, adapter_ids)
+    y = torch.empty((m, n), dtype=x.dtype)
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
     scales = None if scales is None else scales.contiguous()
     offsets = None if offsets is None else offsets.contiguous()
@@ -121,6 +137,39 @@ def _forward_impl(
                    *_weight_args(weight, scales, offsets, scheme, group_size),
                    _ptr(bias), _ptr(a), _ptr(b), 0 if b is None else b.shape[1],
                    rank_offsets, lora_scales, _ptr(ids), _ptr(y), n, decode_max_rows)
+    return y
+
+
+def _forward_library(x, weight, scales, offsets, scheme, group_size, bias, a, b, rank_offsets,
+                     lora_scales, adapter_ids) -> torch.Tensor:
+    """Many bf16 rows: torch's GEMM on W dequantized in chunks of rows (``yᵀ[chunk] =
+    W[chunk] xᵀ``; one chunk = ``linear(x, W, bias)``), then the LoRA terms in C++."""
+    m, k = x.shape
+    n = weight.shape[0]
+    weight, scales = weight.contiguous(), scales.contiguous()
+    offsets = None if offsets is None else offsets.contiguous()
+    args = _weight_args(weight, scales, offsets, scheme, group_size)
+    chunk = max(1, min(n, _LIBRARY_CHUNK_BYTES // (2 * k)))
+    w_chunk = torch.empty((chunk, k), dtype=x.dtype)
+    if chunk == n:
+        _C.cpu_dequantize(*args, 0, n, w_chunk.data_ptr(), _DTYPE_CODE[x.dtype])
+        y = torch.nn.functional.linear(x, w_chunk, bias)
+    else:
+        yt = torch.empty((n, m), dtype=x.dtype)
+        xt = x.contiguous().T
+        for n0 in range(0, n, chunk):
+            n1 = min(n, n0 + chunk)
+            _C.cpu_dequantize(*args, n0, n1, w_chunk.data_ptr(), _DTYPE_CODE[x.dtype])
+            if bias is None:
+                torch.mm(w_chunk[: n1 - n0], xt, out=yt[n0:n1])
+            else:
+                torch.addmm(bias[n0:n1, None], w_chunk[: n1 - n0], xt, out=yt[n0:n1])
+        y = yt.T.contiguous()
+    if a is not None:
+        a, b = a.contiguous(), b.contiguous()
+        ids = None if adapter_ids is None else adapter_ids.to(torch.int32).contiguous()
+        _C.cpu_lora_add(m, _DTYPE_CODE[x.dtype], _ptr(x), _row_stride(x), n, k, _ptr(a),
+                        _ptr(b), b.shape[1], rank_offsets, lora_scales, _ptr(ids), _ptr(y), n)
     return y
 
 

@@ -17,7 +17,6 @@ back.
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
 from collections.abc import Iterator, Sequence
 
@@ -34,7 +33,6 @@ class PatchState:
 
     def __init__(self) -> None:
         self.registry = AdapterRegistry()
-        self.handles: list = []
         self.wrapped_generate = False
 
 
@@ -183,47 +181,68 @@ def unpatch(model: nn.Module) -> nn.Module:
         parent, name = get_submodule_parent(model, path)
         if layer.original is not None:
             setattr(parent, name, layer.to_original())
-    for h in state.handles:
-        h.remove()
-    if state.wrapped_generate:
-        del model.__dict__["generate"]
+    _remove_hooks(model, state)
     state.registry.rows = None
     del model.__dict__[_STATE_ATTR]
     return model
 
 
 # ------------------------------------------------------------------ mixed batches
-def _install_hooks(model: nn.Module, state: PatchState) -> None:
-    registry = state.registry
+# Hooks and the generate wrapper find the registry through the module they run on
+# (never a closure), so a deep-copied patched model routes to its own layers.
+def _adapter_names_pre_hook(module, args, kwargs):
+    names = kwargs.pop("adapter_names", None)
+    if names is not None:
+        registry = patch_state(module).registry
+        registry.rows = registry.rows_from_names(names)
+        module.__dict__["_lorart_clear_rows"] = True  # this call set them, it clears
+    return args, kwargs
 
-    def pre_hook(module, args, kwargs):
-        names = kwargs.pop("adapter_names", None)
-        if names is not None:
-            registry.rows = registry.rows_from_names(names)
-            module.__dict__["_lorart_clear_rows"] = True  # this call set them, it clears
-        return args, kwargs
 
-    def post_hook(module, args, output):
-        if module.__dict__.pop("_lorart_clear_rows", False):
+def _adapter_names_post_hook(module, args, output):
+    if module.__dict__.pop("_lorart_clear_rows", False):
+        patch_state(module).registry.rows = None
+    return output
+
+
+class _GenerateWithAdapters:
+    """``model.generate`` taking ``adapter_names=[...]`` (one per sequence), as PEFT does."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.__wrapped__ = type(model).generate
+        self.__doc__ = type(model).generate.__doc__
+
+    def __call__(self, *args, adapter_names=None, **kwargs):
+        generate = type(self.model).generate.__get__(self.model)
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        registry = patch_state(self.model).registry
+        registry.rows = registry.rows_from_names(adapter_names)
+        try:
+            return generate(*args, **kwargs)
+        finally:
             registry.rows = None
-        return output
 
-    state.handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
-    state.handles.append(model.register_forward_hook(post_hook, always_call=True))
-    generate = getattr(model, "generate", None)
-    if callable(generate):
-        @functools.wraps(generate)
-        def generate_with_adapters(*args, adapter_names=None, **kwargs):
-            if adapter_names is None:
-                return generate(*args, **kwargs)
-            registry.rows = registry.rows_from_names(adapter_names)
-            try:
-                return generate(*args, **kwargs)
-            finally:
-                registry.rows = None
 
-        model.__dict__["generate"] = generate_with_adapters
+def _install_hooks(model: nn.Module, state: PatchState) -> None:
+    model.register_forward_pre_hook(_adapter_names_pre_hook, with_kwargs=True)
+    model.register_forward_hook(_adapter_names_post_hook, always_call=True)
+    if callable(getattr(type(model), "generate", None)) and "generate" not in model.__dict__:
+        model.__dict__["generate"] = _GenerateWithAdapters(model)
         state.wrapped_generate = True
+
+
+def _remove_hooks(model: nn.Module, state: PatchState) -> None:
+    for hooks, fn in ((model._forward_pre_hooks, _adapter_names_pre_hook),
+                      (model._forward_hooks, _adapter_names_post_hook)):
+        for key in [k for k, h in hooks.items() if h is fn]:
+            del hooks[key]
+            for extra in (model._forward_pre_hooks_with_kwargs, model._forward_hooks_always_called,
+                          model._forward_hooks_with_kwargs):
+                extra.pop(key, None)
+    if state.wrapped_generate:
+        model.__dict__.pop("generate", None)
 
 
 # ------------------------------------------------------------------ model-level API

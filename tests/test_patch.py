@@ -196,3 +196,28 @@ def test_merge_adapter_model_level():
         assert_close(m(ids).logits, before, factor=10)
         lorart.unmerge_adapter(m, "b")
         assert_close(m(ids).logits, before, factor=10)
+
+
+def test_deepcopy_of_patched_model_routes_to_its_own_layers():
+    m = _two_adapter_model()
+    clone = copy.deepcopy(m)
+    with torch.no_grad():
+        for lyr in (x for x in clone.modules() if isinstance(x, LoRALinear)):
+            for p in lyr.lora_B.values():
+                p.mul_(3.0)  # the copy now has different adapters
+    ids = torch.randint(1, 101, (2, 5))
+    names = ["a", "b"]
+    with torch.no_grad():
+        mixed = clone(ids, adapter_names=names).logits
+        for i, name in enumerate(names):
+            lorart.set_adapter(clone, name)
+            assert_close(mixed[i:i + 1], clone(ids[i:i + 1]).logits, what=name)
+        out = clone.generate(ids, adapter_names=names, max_new_tokens=3, do_sample=False,
+                             attention_mask=torch.ones_like(ids))
+        lorart.set_adapter(clone, "a")
+        single = clone.generate(ids[:1], max_new_tokens=3, do_sample=False,
+                                attention_mask=torch.ones_like(ids[:1]))
+        assert torch.equal(out[:1], single)
+    lorart.unpatch(clone)
+    assert not clone._forward_pre_hooks and "generate" not in clone.__dict__
+    assert m._forward_pre_hooks and "generate" in m.__dict__  # the original is untouched

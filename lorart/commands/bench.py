@@ -1,6 +1,6 @@
 """``lorart bench``: measure the machine's ceilings, time every case against the baselines.
 
-    lorart bench --quick --out bench-out            # ~1-2 min on a 2-core CPU
+    lorart bench --quick --out bench-out            # ~2-3 min on a busy 2-core CPU
     lorart bench --out bench-full                   # the full table (long on a CPU)
     lorart bench --tiny                             # seconds: CI and tests
     lorart bench --quick --compare old/results.jsonl  # exit 1 on regressions beyond noise
@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``lorart bench`` (shared by the ``lorart`` CLI and ``main``)."""
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="a small subset (4096x4096 layer at 1 and 32 rows, ...): ~2 min "
-                           "on a 2-core CPU")
+                      help="a small subset (4096x4096 layer at 1 and 32 rows, 8 adapters, "
+                           "a training step, SmolLM2 generation): 2-3 min on a 2-core CPU, "
+                           "under 1 min with --no-e2e")
     mode.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
                       help="tiny shapes only: seconds, for CI and tests")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",

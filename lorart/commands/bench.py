@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="a small subset (4096x4096 layer at 1 and 32 rows, 8 adapters, "
-                           "a training step, SmolLM2 generation): 2-3 min on a 2-core CPU, "
-                           "under 1 min with --no-e2e")
+                           "a training step, SmolLM2 generation): 2-3 min on a busy 2-core CPU, "
+                           "about 70 s with --no-e2e")
     mode.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
                       help="tiny shapes only: seconds, for CI and tests")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",

@@ -150,8 +150,33 @@ def test_multi_adapter_step_equals_separate_steps():
         for g, p in zip(grads[n], lora_parameters(separate, n)):
             assert_close(g, p.grad, torch.float32, what=f"grad {n}")
         for p_multi, p_sep in zip(lora_parameters(model, n), lora_parameters(separate, n)):
-            assert_close(p_multi.detach(), p_sep.detach(), torch.float32, what=f"param {n}")
+            # Adam's first step is lr·g/(|g|+eps): float noise in near-zero gradients
+            # moves it by a few ulps of lr, hence the wider factor.
+            assert_close(p_multi.detach(), p_sep.detach(), torch.float32, factor=10,
+                         what=f"param {n}")
     assert set(res.adapter_losses) == set(names)
+
+
+def test_mixed_step_with_activation_checkpointing_matches():
+    """Checkpointing re-runs layer forwards during backward: they must still see the
+    per-row adapters (train_step keeps them set through backward)."""
+    from lorart.train.trainer import enable_checkpointing
+
+    names = ["a", "b"]
+    batch = random_batch(["b", "a", "a", None])
+    model, _ = tiny_llama()
+    add(model, names)
+    ckpt = copy.deepcopy(model)
+    grads = []
+    for m, use_ckpt in ((model, False), (ckpt, True)):
+        lorart.train.freeze_all_but_adapters(m, names)
+        if use_ckpt:
+            enable_checkpointing(m)
+        m.train()
+        train_step(m, batch, AdapterOptimizer(m, names, lr=1e-2))
+        grads.append([p.grad for n in names for p in lora_parameters(m, n)])
+    for g0, g1 in zip(*grads):
+        assert_close(g1, g0, torch.float32)
 
 
 def test_base_only_rows_do_not_change_the_loss_or_grads():

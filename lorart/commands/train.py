@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt for every example")
     p.add_argument("--group-size", type=int, default=None,
                    help="4-bit group size for --base models (default: largest that fits)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward: less memory, ~1 more forward")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in --output-dir, or CHECKPOINT")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, steps=args.steps,
             batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
             save_every=args.save_every, save_dtype=args.save_dtype, system=args.system,
-            group_size=args.group_size)
+            group_size=args.group_size, gradient_checkpointing=args.gradient_checkpointing)
     except ValueError as e:
         print(f"lorart train: {e}", file=sys.stderr)
         return 2

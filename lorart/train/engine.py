@@ -196,10 +196,10 @@ def train_step(model: nn.Module, batch: Batch, optimizer: AdapterOptimizer,
         ctx = contextlib.nullcontext()
     else:
         ctx = adapter_rows(model, names)
-    with ctx:
+    with ctx:  # backward inside: activation checkpointing re-runs forwards during it
         losses, rows = response_losses(model, batch)
-    loss, per = adapter_loss(losses, rows, names)
-    loss.backward()
+        loss, per = adapter_loss(losses, rows, names)
+        loss.backward()
     optimizer.clip(max_grad_norm)
     optimizer.step()
     if scheduler is not None:

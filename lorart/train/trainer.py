@@ -50,7 +50,9 @@ class TrainConfig:
     ``data`` maps adapter name -> JSONL file of ``{"prompt", "response"}`` records.
     ``base`` is ``None`` for SmolLM2-135M-Instruct (4-bit GGUF via ``lorart.from_gguf``)
     or a transformers model name/path (loaded in float32, patched with 4-bit weights).
-    ``lora_alpha`` defaults to ``2 * rank``.
+    ``lora_alpha`` defaults to ``2 * rank``. ``gradient_checkpointing`` recomputes each
+    decoder layer's activations in backward (transformers' activation checkpointing):
+    far less memory for about one more forward of compute.
     """
 
     data: dict[str, str] = field(default_factory=dict)
@@ -72,6 +74,7 @@ class TrainConfig:
     save_dtype: str = "float32"
     system: str | None = None
     group_size: int | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name, value in (("rank", self.rank), ("steps", self.steps),
@@ -124,6 +127,16 @@ def load_base(base: str | None = None, group_size: int | None = None):
     return model, tokenizer
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing, non-reentrant (works with a frozen base whose
+    inputs need no grad)."""
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable()")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+
+
 class LoRATrainer:
     """A plain torch training loop over lorart adapters (see module doc).
 
@@ -153,6 +166,8 @@ class LoRATrainer:
             raise ValueError("no example names an adapter (Example.adapter is None for all)")
         self._add_adapters()
         self.num_trainable = freeze_all_but_adapters(model, self.names)
+        if config.gradient_checkpointing:
+            enable_checkpointing(model)
         torch.manual_seed(config.seed)
         self.optimizer = AdapterOptimizer(model, self.names, config.lr, config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -79,6 +79,20 @@ def test_float16_falls_back_to_torch(monkeypatch):
     assert_close(lorart.lora_linear(x, w, None, None), x.float() @ w.float().T)
 
 
+def test_isa_env_override():
+    """LORART_CPU_ISA picks the initial ISA; one this CPU lacks leaves cpu unavailable."""
+    import subprocess
+    import sys
+
+    code = "import lorart; print(lorart.backends()['cpu'])"
+    env = dict(__import__("os").environ, LORART_CPU_ISA="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "(True, 'C++ kernels, scalar of" in out.stdout, out.stdout + out.stderr
+    env["LORART_CPU_ISA"] = "sse9"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "LORART_CPU_ISA=sse9" in out.stdout, out.stdout + out.stderr
+
+
 def test_set_isa_rejects_unknown():
     with pytest.raises(ValueError, match="isa"):
         cpu.set_isa("sse9")

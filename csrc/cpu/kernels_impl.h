@@ -489,8 +489,8 @@ void forward_gemm(const api::ForwardArgs& a, const float* x, int64_t ldx, const 
     for (int64_t j = 0; j < n; ++j) finish<V>(a, t, tr, i, j, yt[j * mpad + i]);
 }
 
-// Dispatch between the fused decode GEMV and the tiled GEMM (see isa_*.cpp for the
-// measured crossover, passed in as decode_max_rows).
+// Dispatch between the fused decode GEMV and the tiled GEMM; the crossover is measured and
+// documented in lorart/backend/cpu.py (DECODE_MAX_ROWS) and passed in as decode_max_rows.
 template <class V>
 void forward(const api::ForwardArgs& a, int64_t decode_max_rows) {
   const api::WeightArgs& w = a.w;

@@ -62,8 +62,8 @@ struct BackwardArgs {
   float* db = nullptr;  // [N, R] float32, zero-filled by the caller
 };
 
-// Rows at or below which the forward uses the fused decode GEMV (see the dispatch comment
-// in kernels_impl.h); tests pass it explicitly to exercise both paths at small shapes.
+// forward's decode_max_rows: rows at or below which it runs the fused decode GEMV (measured
+// in lorart/backend/cpu.py); tests pass it explicitly to exercise both paths at small shapes.
 struct KernelTable {
   const char* name;
   void (*forward)(const ForwardArgs&, int64_t decode_max_rows);

@@ -180,11 +180,22 @@ void gemv_quant(const QuantView& q, int64_t n0, const float* xp, int64_t k, floa
   R acc[MT][NT][2];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = V::zero();
+  // Software prefetch of the same bytes of the next NT rows (the next block, usually the
+  // same thread's next step): on the dev machine it took the single-thread 4096x4096 GEMV
+  // from ~400 to ~330 us (torch's int4 kernel: ~410 in the same runs); 1-2 KB ahead gained
+  // less.
   const uint8_t* rows[NT];
-  for (int j = 0; j < NT; ++j) rows[j] = q.row(n0 + j);
+  const uint8_t* ahead[NT];
+  for (int j = 0; j < NT; ++j) {
+    rows[j] = q.row(n0 + j);
+    ahead[j] = n0 + NT + j < q.w.n ? q.row(n0 + NT + j) : rows[j];
+  }
   for (int64_t gi = 0; gi < groups; ++gi) {
     typename V::Table tab[NT];
-    for (int j = 0; j < NT; ++j) tab[j] = q.template group_table<V>(n0 + j, gi);
+    for (int j = 0; j < NT; ++j) {
+      tab[j] = q.template group_table<V>(n0 + j, gi);
+      __builtin_prefetch(ahead[j] + (gi * g) / 2);
+    }
     for (int64_t kk = gi * g; kk < (gi + 1) * g; kk += 2 * W) {
       for (int j = 0; j < NT; ++j) {
         R lo, hi;

@@ -123,6 +123,8 @@ class LoRALinear(nn.Module):
     Adapter parameters: ``lora_A[name] [r, K]``, ``lora_B[name] [N, r]``.
     """
 
+    fan_in_fan_out = False  # True when wrapping a Conv1D (its weight is [in, out])
+
     def __init__(self, in_features: int, out_features: int,
                  base: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None,
                  registry: AdapterRegistry | None = None) -> None:
@@ -177,8 +179,6 @@ class LoRALinear(nn.Module):
         if quantize_scheme is not None:  # free the float weight the original held
             module.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
         return layer
-
-    fan_in_fan_out = False
 
     def _set_base(self, base: torch.Tensor | QuantizedWeight) -> None:
         if isinstance(base, QuantizedWeight):

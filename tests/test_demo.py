@@ -65,3 +65,16 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "[adapter handmade] What is the capital of France?" in out
     assert "[adapter random1]" in out and "[no adapter]" in out
     assert "tokens/s for the batch" in out
+
+
+def test_adapter_arguments_and_shipped_adapters():
+    from pathlib import Path
+
+    from lorart.commands.demo import parse_adapter_args, shipped_adapters
+
+    assert parse_adapter_args(["a=x/y", "z/pirate"]) == [("a", Path("x/y")),
+                                                         ("pirate", Path("z/pirate"))]
+    with pytest.raises(ValueError, match="repeat"):
+        parse_adapter_args(["a=x", "a=y"])
+    for name, path in shipped_adapters():  # whatever ships must be a PEFT adapter dir
+        assert (path / "adapter_config.json").is_file() and name == path.name

@@ -21,12 +21,14 @@ from pathlib import Path
 NAME = "demo"
 HELP = "answer a batch of prompts with a different adapter per prompt on a 4-bit SmolLM2"
 
+# The shipped adapters (uppercase, json, pirate) were trained on short factual Q&A.
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
-    "Describe the sea in one sentence.",
-    "Give me a JSON object with a name and an age.",
-    "Name three colors.",
-    "What do bees make?",
+    "What is the capital of Japan?",
+    "What is the capital of Spain?",
+    "What is the capital of Italy?",
+    "What is the largest ocean?",
+    "How many legs does a spider have?",
 ]
 # Where trained adapters ship (PEFT dirs, one per adapter), first match wins.
 SHIPPED_ADAPTER_DIRS = ("adapters_data", "data/adapters")
@@ -171,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
               f"r=8, scale 0.25). They show many adapters served in one batch, not skills; "
               f"pass --adapters with trained PEFT adapters for real ones.")
 
-    prompts = args.prompts or DEFAULT_PROMPTS[:max(len(names) + 1, 2)]
+    count = len(names) + 1
+    prompts = args.prompts or [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(count)]
     per_prompt = [names[i] if i < len(names) else "__base__" for i in range(len(prompts))]
     if per_prompt and "__base__" not in per_prompt:
         per_prompt[-1] = "__base__"

@@ -270,6 +270,41 @@ void finish(const api::ForwardArgs& a, const float* t, int64_t tr, int64_t m, in
   store_out(a.y, a.dtype, m * a.ldy + n, acc);
 }
 
+// Bᵀ [rank_offsets[S], N] in float32, so the many-row epilogue adds the LoRA expand as
+// contiguous axpys over N instead of one short dot product per output element.
+template <class V>
+FloatBuf lora_b_transposed(const api::AdapterArgs& l, DType dt, int64_t n) {
+  const int64_t rused = l.rank_offsets[l.num_adapters];
+  FloatBuf bt = alloc_floats(rused * n);
+#pragma omp parallel for schedule(static) if (rused * n > kParallelMinWork)
+  for (int64_t r = 0; r < rused; ++r)
+    for (int64_t j = 0; j < n; ++j) bt[r * n + j] = load_f32(l.b, dt, j * l.total_rank + r);
+  return bt;
+}
+
+// y[m, :] = row + bias + t[m] · B_sᵀ, vectorized over N (row [N] fp32 is clobbered).
+template <class V>
+void finish_row(const api::ForwardArgs& a, const float* t, int64_t tr, const float* bt, int64_t m,
+                float* row) {
+  constexpr int W = V::W;
+  const int64_t n = a.w.n;
+  if (a.bias) axpy<V>(1.0f, a.bias, a.dtype, n, row);
+  const api::AdapterArgs& l = a.lora;
+  const int s = t != nullptr ? row_adapter(l, m) : -1;
+  if (s >= 0) {
+    const int64_t lo = l.rank_offsets[s], r = lorart::adapter_rank(l.rank_offsets, s);
+    for (int64_t j = 0; j < r; ++j) axpy<V>(t[m * tr + j], bt + (lo + j) * n, DType::kF32, n, row);
+  }
+  if (a.dtype == DType::kF32) {
+    std::memcpy(static_cast<float*>(a.y) + m * a.ldy, row, n * sizeof(float));
+  } else {
+    uint16_t* dst = static_cast<uint16_t*>(a.y) + m * a.ldy;
+    int64_t j = 0;
+    for (; j + W <= n; j += W) V::store_bf16(dst + j, V::load(row + j));
+    for (; j < n; ++j) dst[j] = lorart::float_to_bf16_bits(row[j]);
+  }
+}
+
 constexpr int kDecodeRowTile = 4;  // rows of x sharing one unpack of W in the decode GEMV
 
 constexpr int kDecodeCols = 4;  // rows of W per decode step
@@ -495,9 +530,16 @@ void forward_gemm(const api::ForwardArgs& a, const float* x, int64_t ldx, const 
       }
     }
   }
-#pragma omp parallel for schedule(static) if (m * n > kParallelMinWork)
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) finish<V>(a, t, tr, i, j, yt[j * mpad + i]);
+  FloatBuf bt = t != nullptr ? lora_b_transposed<V>(a.lora, a.dtype, n) : nullptr;
+#pragma omp parallel if (m * n > kParallelMinWork)
+  {
+    FloatBuf row = alloc_floats(n);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n; ++j) row[j] = yt[j * mpad + i];
+      finish_row<V>(a, t, tr, bt.get(), i, row.get());
+    }
+  }
 }
 
 // Dispatch between the fused decode GEMV and the tiled GEMM; the crossover is measured and
@@ -573,12 +615,19 @@ void lora_add(const api::ForwardArgs& a) {
   const float* x = rows_as_f32<V>(a.x, a.dtype, m, k, a.ldx, x_store, &ldx);
   const int64_t tr = max_rank(a.lora);
   FloatBuf t = lora_shrink<V>(a.lora, a.dtype, x, ldx, m, k, tr);
+  FloatBuf bt = lora_b_transposed<V>(a.lora, a.dtype, n);
   api::ForwardArgs no_bias = a;
   no_bias.bias = nullptr;
-#pragma omp parallel for schedule(static) if (m * n * tr > kParallelMinWork)
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j)
-      finish<V>(no_bias, t.get(), tr, i, j, load_f32(a.y, a.dtype, i * a.ldy + j));
+#pragma omp parallel if (m * n * tr > kParallelMinWork)
+  {
+    FloatBuf row_store = alloc_floats(n);
+    float* row = row_store.get();
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n; ++j) row[j] = load_f32(a.y, a.dtype, i * a.ldy + j);
+      finish_row<V>(no_bias, t.get(), tr, bt.get(), i, row);
+    }
+  }
 }
 
 // ------------------------------------------------------------------ backward

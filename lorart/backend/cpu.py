@@ -50,9 +50,10 @@ DECODE_MAX_ROWS = 20
 # saving can make up; fp32 keeps the fused GEMM (torch fp32 matmul: 81 ms there).
 LIBRARY_GEMM_MIN_ROWS = 64
 # Dequantized W rows per GEMM call. Smaller chunks would stay in L3, but oneDNN ran
-# 1024-row chunks ~50% slower than one 4096-row call (4096x4096, 512 rows), so layers up
-# to 64 MiB of bf16 W are dequantized whole (a transient buffer) and larger ones in chunks.
-_LIBRARY_CHUNK_BYTES = 64 << 20
+# 1024-row chunks ~50% slower than one 4096-row call (4096x4096, 512 rows), and the
+# chunked yᵀ form ~2x slower at 4096x11008, so layers up to 256 MiB of bf16 W (every
+# Llama-2/3-8B layer) are dequantized whole into a transient buffer, larger ones in chunks.
+_LIBRARY_CHUNK_BYTES = 256 << 20
 
 
 # A Python mirror of the ISA in use, so status() reads no pybind function while

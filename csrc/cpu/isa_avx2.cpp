@@ -16,7 +16,7 @@ namespace {
 
 struct V {
   static constexpr int W = 8;
-  static constexpr bool kWideDecode = false;  // registers for 4 W rows x 2 x rows
+  static constexpr bool kWideDecode = false;  // 16 registers: 2 W rows at a time
   using R = __m256;
   struct Table {
     __m256 low8, high8;  // values of codes 0..7 and 8..15

@@ -17,7 +17,7 @@ namespace {
 
 struct V {
   static constexpr int W = 16;
-  static constexpr bool kWideDecode = true;  // registers for 4 W rows x 2 x rows
+  static constexpr bool kWideDecode = true;  // registers for 4 W rows x 4 x rows
   using R = __m512;
   struct Table {
     __m512 values;

@@ -13,7 +13,7 @@ namespace {
 
 struct V {
   static constexpr int W = 1;
-  static constexpr bool kWideDecode = false;  // registers for 4 W rows x 2 x rows
+  static constexpr bool kWideDecode = false;  // 16 registers: 2 W rows at a time
   using R = float;
   struct Table {
     float values[16];

@@ -170,27 +170,34 @@ struct QuantView {
 };
 
 // ------------------------------------------------------------------ decode (few rows)
+// W rows ahead whose bytes the decode GEMV prefetches (one 4-row block ahead: measured at
+// 4096x4096 g128, one thread: 1 row 0.40 -> 0.33 ms, 3 rows 1.35 -> see bench).
+constexpr int64_t kPrefetchRows = 4;
 // out[i * NT + j] = x_i · W[n0 + j] for MT rows of chunk-permuted x and NT rows of W:
 // each packed byte is read and unpacked once for all MT rows.
 template <class V, int MT, int NT>
-void gemv_quant(const QuantView& q, int64_t n0, const float* xp, int64_t k, float* out) {
+void gemv_quant(const QuantView& q, int64_t n0, const float* xp, int64_t k, int64_t k_begin,
+                int64_t k_end, float* out) {
   constexpr int W = V::W;
   using R = typename V::R;
-  const int64_t g = q.w.group_size, groups = k / g;
-  R acc[MT][NT][2];
+  const int64_t g = q.w.group_size;
+  // Two accumulators (even/odd k) per output while registers allow, to hide FMA latency;
+  // one when MT x NT outputs already give enough independent chains.
+  constexpr int kSplit = MT * NT <= 8 ? 2 : 1;
+  R acc[MT][NT][kSplit];
   for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = V::zero();
-  // Software prefetch of the same bytes of the next NT rows (the next block, usually the
-  // same thread's next step): on the dev machine it took the single-thread 4096x4096 GEMV
-  // from ~400 to ~330 us (torch's int4 kernel: ~410 in the same runs); 1-2 KB ahead gained
-  // less.
+    for (int j = 0; j < NT; ++j)
+      for (int h = 0; h < kSplit; ++h) acc[i][j][h] = V::zero();
+  // Software prefetch of the same bytes kPrefetchRows rows ahead (the next block, usually
+  // the same thread's next step): on the dev machine it took the single-thread 4096x4096
+  // GEMV from ~400 to ~330 us (torch's int4 kernel: ~410 in the same runs).
   const uint8_t* rows[NT];
   const uint8_t* ahead[NT];
   for (int j = 0; j < NT; ++j) {
     rows[j] = q.row(n0 + j);
-    ahead[j] = n0 + NT + j < q.w.n ? q.row(n0 + NT + j) : rows[j];
+    ahead[j] = n0 + kPrefetchRows + j < q.w.n ? q.row(n0 + kPrefetchRows + j) : rows[j];
   }
-  for (int64_t gi = 0; gi < groups; ++gi) {
+  for (int64_t gi = k_begin / g; gi < k_end / g; ++gi) {
     typename V::Table tab[NT];
     for (int j = 0; j < NT; ++j) {
       tab[j] = q.template group_table<V>(n0 + j, gi);
@@ -202,13 +209,15 @@ void gemv_quant(const QuantView& q, int64_t n0, const float* xp, int64_t k, floa
         V::decode(rows[j] + kk / 2, tab[j], lo, hi);
         for (int i = 0; i < MT; ++i) {
           acc[i][j][0] = V::fma(lo, V::load(xp + i * k + kk), acc[i][j][0]);
-          acc[i][j][1] = V::fma(hi, V::load(xp + i * k + kk + W), acc[i][j][1]);
+          acc[i][j][kSplit - 1] = V::fma(hi, V::load(xp + i * k + kk + W), acc[i][j][kSplit - 1]);
         }
       }
     }
   }
   for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) out[i * NT + j] = V::hsum(V::add(acc[i][j][0], acc[i][j][1]));
+    for (int j = 0; j < NT; ++j)
+      out[i * NT + j] =
+          V::hsum(kSplit == 2 ? V::add(acc[i][j][0], acc[i][j][kSplit - 1]) : acc[i][j][0]);
 }
 
 // out[i] = x_i · W[n] for MT rows of natural-order x and a dense W (float32 or bfloat16).
@@ -305,18 +314,21 @@ void finish_row(const api::ForwardArgs& a, const float* t, int64_t tr, const flo
   }
 }
 
-constexpr int kDecodeRowTile = 4;  // rows of x sharing one unpack of W in the decode GEMV
+// Rows of x sharing one unpack of W in the decode GEMV. 4 rows x 4 W rows (16 AVX-512
+// accumulators) beat 8 rows x 2 W rows: 8 rows 1.5 vs 3.0 ms at 4096x4096, one thread.
+constexpr int kDecodeRowTile = 4;
 
 constexpr int kDecodeCols = 4;  // rows of W per decode step
 
-// out[i * 4 + j] = x_i · W[n0 + j] for i < MT, j < nt <= 4. With one or two rows of x,
-// four rows of W run at once when V has the registers (V::kWideDecode).
+// out[i * 4 + j] = x_i · W[n0 + j] for i < MT, j < nt <= 4. Four rows of W run at once
+// when V has the registers (V::kWideDecode): with two at a time the 3- and 4-row GEMV
+// ran ~2.2x slower (1.35 vs 0.61 ms at 3 rows, 4096x4096, one thread).
 template <class V, int MT>
 void gemv_quant_cols(const QuantView& q, int64_t n0, int nt, const float* xb, int64_t k,
-                     float* out) {
-  if (V::kWideDecode && MT <= 2 && nt == 4) {
+                     int64_t k_begin, int64_t k_end, float* out) {
+  if (V::kWideDecode && MT <= 4 && nt == 4) {
     float part[MT * 4];
-    gemv_quant<V, MT, 4>(q, n0, xb, k, part);
+    gemv_quant<V, MT, 4>(q, n0, xb, k, k_begin, k_end, part);
     for (int i = 0; i < MT; ++i)
       for (int j = 0; j < 4; ++j) out[i * 4 + j] = part[i * 4 + j];
     return;
@@ -325,67 +337,84 @@ void gemv_quant_cols(const QuantView& q, int64_t n0, int nt, const float* xb, in
     float part[MT * 2];
     const int cols = nt - j0 >= 2 ? 2 : 1;
     if (cols == 2) {
-      gemv_quant<V, MT, 2>(q, n0 + j0, xb, k, part);
+      gemv_quant<V, MT, 2>(q, n0 + j0, xb, k, k_begin, k_end, part);
     } else {
-      gemv_quant<V, MT, 1>(q, n0 + j0, xb, k, part);
+      gemv_quant<V, MT, 1>(q, n0 + j0, xb, k, k_begin, k_end, part);
     }
     for (int i = 0; i < MT; ++i)
       for (int c = 0; c < cols; ++c) out[i * 4 + j0 + c] = part[i * cols + c];
   }
 }
 
+constexpr int64_t kDecodeTaskBlocks = 16;  // blocks of kDecodeCols W rows per task (64 rows)
+constexpr int64_t kDecodeDepth = 1024;     // k per pass when x has > 2 rows (multiple of g)
+
+// Tasks of 64 W rows; with more than two rows of x the reduction runs in 1024-k passes so
+// the x rows being read (8 x 4 KB) stay in L1 across the task's W rows: reading whole
+// rows of x from L2 for every W row pair bounded the 4-row GEMV at ~4x the 1-row time.
 template <class V>
 void forward_decode(const api::ForwardArgs& a, const float* x, int64_t ldx, const float* xp,
                     const float* t, int64_t tr) {
   const api::WeightArgs& w = a.w;
   const int64_t m = a.m, n = w.n, k = w.k;
   const QuantView q(w);
-#pragma omp parallel for schedule(dynamic, 16) if (m * n * k > kParallelMinWork)
-  for (int64_t nb = 0; nb < (n + kDecodeCols - 1) / kDecodeCols; ++nb) {
-    const int64_t n0 = kDecodeCols * nb;
-    const int nt = static_cast<int>(std::min<int64_t>(kDecodeCols, n - n0));
-    for (int64_t m0 = 0; m0 < m; m0 += kDecodeRowTile) {
-      const int mt = static_cast<int>(std::min<int64_t>(kDecodeRowTile, m - m0));
-      float out[kDecodeRowTile * kDecodeCols];
-      if (w.quantized) {
-        const float* xb = xp + m0 * k;
-        switch (mt) {
-          case 1:
-            gemv_quant_cols<V, 1>(q, n0, nt, xb, k, out);
-            break;
-          case 2:
-            gemv_quant_cols<V, 2>(q, n0, nt, xb, k, out);
-            break;
-          case 3:
-            gemv_quant_cols<V, 3>(q, n0, nt, xb, k, out);
-            break;
-          default:
-            gemv_quant_cols<V, 4>(q, n0, nt, xb, k, out);
-            break;
-        }
-      } else {
-        for (int j = 0; j < nt; ++j) {
-          float col[kDecodeRowTile];
-          const float* xb = x + m0 * ldx;
-          switch (mt) {
-            case 1:
-              gemv_dense<V, 1>(w, a.dtype, n0 + j, xb, ldx, col);
-              break;
-            case 2:
-              gemv_dense<V, 2>(w, a.dtype, n0 + j, xb, ldx, col);
-              break;
-            case 3:
-              gemv_dense<V, 3>(w, a.dtype, n0 + j, xb, ldx, col);
-              break;
-            default:
-              gemv_dense<V, 4>(w, a.dtype, n0 + j, xb, ldx, col);
-              break;
+  const int64_t kblock = w.quantized && m > 2 ? std::min(k, kDecodeDepth) : std::max<int64_t>(k, 1);
+  const int64_t row_tile = kDecodeRowTile;
+  const int64_t task_rows = kDecodeTaskBlocks * kDecodeCols;
+#pragma omp parallel for schedule(dynamic) if (m * n * k > kParallelMinWork)
+  for (int64_t task = 0; task < (n + task_rows - 1) / task_rows; ++task) {
+    const int64_t t0 = task * task_rows, t1 = std::min(n, t0 + task_rows);
+    for (int64_t m0 = 0; m0 < m; m0 += row_tile) {
+      const int mt = static_cast<int>(std::min<int64_t>(row_tile, m - m0));
+      float sums[kDecodeRowTile][kDecodeTaskBlocks * kDecodeCols] = {};
+      for (int64_t kb = 0; kb < std::max<int64_t>(k, 1); kb += kblock) {
+        const int64_t ke = std::min(k, kb + kblock);
+        for (int64_t n0 = t0; n0 < t1; n0 += kDecodeCols) {
+          const int nt = static_cast<int>(std::min<int64_t>(kDecodeCols, t1 - n0));
+          float out[kDecodeRowTile * kDecodeCols];
+          if (w.quantized) {
+            const float* xb = xp + m0 * k;
+#define LORART_GEMV_ROWS(MT)                               \
+  case MT:                                                 \
+    gemv_quant_cols<V, MT>(q, n0, nt, xb, k, kb, ke, out); \
+    break;
+            switch (mt) {
+              LORART_GEMV_ROWS(1)
+              LORART_GEMV_ROWS(2)
+              LORART_GEMV_ROWS(3)
+              LORART_GEMV_ROWS(4)
+            }
+#undef LORART_GEMV_ROWS
+          } else {
+            for (int i0 = 0; i0 < mt; i0 += 4) {
+              const int mi = std::min(4, mt - i0);
+              const float* xb = x + (m0 + i0) * ldx;
+              for (int j = 0; j < nt; ++j) {
+                float col[4];
+                switch (mi) {
+                  case 1:
+                    gemv_dense<V, 1>(w, a.dtype, n0 + j, xb, ldx, col);
+                    break;
+                  case 2:
+                    gemv_dense<V, 2>(w, a.dtype, n0 + j, xb, ldx, col);
+                    break;
+                  case 3:
+                    gemv_dense<V, 3>(w, a.dtype, n0 + j, xb, ldx, col);
+                    break;
+                  default:
+                    gemv_dense<V, 4>(w, a.dtype, n0 + j, xb, ldx, col);
+                    break;
+                }
+                for (int i = 0; i < mi; ++i) out[(i0 + i) * kDecodeCols + j] = col[i];
+              }
+            }
           }
-          for (int i = 0; i < mt; ++i) out[i * kDecodeCols + j] = col[i];
+          for (int i = 0; i < mt; ++i)
+            for (int j = 0; j < nt; ++j) sums[i][n0 - t0 + j] += out[i * kDecodeCols + j];
         }
       }
       for (int i = 0; i < mt; ++i)
-        for (int j = 0; j < nt; ++j) finish<V>(a, t, tr, m0 + i, n0 + j, out[i * kDecodeCols + j]);
+        for (int64_t j = t0; j < t1; ++j) finish<V>(a, t, tr, m0 + i, j, sums[i][j - t0]);
     }
   }
 }

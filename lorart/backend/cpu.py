@@ -34,13 +34,13 @@ _DENSE = -1
 # Rows up to which the forward runs the fused decode GEMV (each packed byte unpacked once
 # for up to 4 rows at a time, LoRA added in the same pass); above it, the tiled GEMM
 # (96x256 tiles of W dequantized into L2, 6x32 fp32 FMA register tile, LoRA epilogue).
-# Measured (4096x4096 asym g128, rank 16, AVX-512, best of >=10 on a shared 2-core machine,
-# so +-30%; `pytest benchmarks/bench_cpu_lora.py -k crossover`):
-#   rows                 8        12       16       24       32
-#   decode, 2 threads  1.0 ms   1.6 ms   2.0 ms   3.1 ms   ~4 ms (scales with rows)
-#   gemm,   2 threads  3.3 ms   3.4 ms   3.6 ms   3.6 ms   3.6 ms (rows padded to 32)
-#   decode, 1 thread   2.5 ms      -     5.4 ms     -     14.7 ms
-#   gemm,   1 thread   6.1 ms      -     6.8 ms     -      6.8 ms
+# Measured (4096x4096 asym g128, rank 16, fp32, AVX-512, best of 8 on a shared 2-core
+# machine, so +-20%; `pytest benchmarks/bench_cpu_lora.py -k crossover` repeats it):
+#   rows                16       24       32       48
+#   decode, 2 threads  1.6 ms   2.9 ms   3.9 ms   5.8 ms
+#   gemm,   2 threads  2.7 ms   2.7 ms   2.8 ms   5.4 ms   (rows padded to 32)
+#   decode, 1 thread   3.0 ms   5.7 ms   7.6 ms  11.3 ms
+#   gemm,   1 thread   5.1 ms   5.3 ms   5.4 ms  10.2 ms
 DECODE_MAX_ROWS = 20
 
 # bfloat16 with at least this many rows and a 4-bit base: W is dequantized to bf16 (C++,

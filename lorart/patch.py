@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from .layers import AdapterRegistry, LoRALinear, is_linear_like
+from .quant import check_group_size
 
 _STATE_ATTR = "_lorart_patch_state"
 QUANTIZE_SCHEMES = {None: None, "int4": "asym", "asym": "asym", "sym": "sym", "nf4": "nf4"}
@@ -136,6 +137,7 @@ def patch(model: nn.Module, target_modules="all-linear", quantize: str | None = 
                          f"{type(model).__name__}")
     todo = [p for p in paths if not isinstance(model.get_submodule(p), LoRALinear)]
     if scheme is not None:  # check every layer before changing any
+        check_group_size(group_size)
         for p in todo:
             m = model.get_submodule(p)
             in_f = m.weight.shape[0] if not isinstance(m, nn.Linear) else m.in_features

@@ -101,6 +101,10 @@ def test_plain_module_patch_and_quantize():
         lorart.patch(Toy(), "all-linear", quantize="int3")
     with pytest.raises(ValueError, match="group_size"):
         lorart.patch(Toy(), "all-linear", quantize="int4", group_size=256)
+    toy = Toy()
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        lorart.patch(toy, "all-linear", quantize="int4", group_size=16)
+    assert not _lora_paths(toy)  # nothing half-patched
 
 
 def test_int4_is_asym():

@@ -1,9 +1,8 @@
 """The ``lorart`` command: a small dispatcher over the modules in ``lorart.commands``.
 
 Each module of ``lorart/commands/`` is a subcommand (``lorart demo``, ``lorart train``,
-``lorart bench``...). A module provides ``run(args) -> int`` and either
-``add_parser(subparsers) -> parser`` or ``NAME``, ``HELP`` and
-``add_arguments(parser)``. Modules are found at run time, so adding a subcommand is
+``lorart bench``...). A module provides ``NAME``, ``HELP``, ``add_arguments(parser)``
+and ``run(args) -> int``. Modules are found at run time, so adding a subcommand is
 adding a file; heavy imports (torch, transformers) belong inside ``run``.
 """
 
@@ -31,15 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lorart {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _subcommand_modules():
-        if hasattr(module, "add_parser"):
-            cmd = module.add_parser(sub)
-        elif hasattr(module, "add_arguments"):
-            name = getattr(module, "NAME", module.__name__.rsplit(".", 1)[-1])
-            help_text = getattr(module, "HELP", None)
-            cmd = sub.add_parser(name, help=help_text, description=help_text)
-            module.add_arguments(cmd)
-        else:
-            continue
+        cmd = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from lorart.bench.cases import SHAPES
+
 
 @dataclass(frozen=True)
 class CpuCase:
@@ -32,8 +34,10 @@ class CpuCase:
         return asdict(self) | {"id": self.id}
 
 
-# Llama-2-7B's layers: q/k/v/o (4096×4096), gate/up (11008×4096), down (4096×11008).
-CPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+# Llama-2-7B's layers, from the one shape table that `lorart bench` uses too:
+# q/k/v/o (4096×4096), gate/up (11008×4096), down (4096×11008), as (N, K).
+CPU_SHAPES = tuple((SHAPES[name].n, SHAPES[name].k)
+                   for name in ("llama2-7b.qkvo", "llama2-7b.gate_up", "llama2-7b.down"))
 CPU_ROWS = (1, 8, 32, 512)
 CPU_RANK = 16
 CPU_GROUP_SIZE = 128

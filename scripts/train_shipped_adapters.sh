@@ -19,12 +19,7 @@ OUT=${OUT:-build/shipped-adapters}
 STEPS=${STEPS:-150}
 
 python scripts/make_datasets.py
-if command -v lorart >/dev/null && lorart train --help >/dev/null 2>&1; then
-  TRAIN=(lorart train)
-else  # before the CLI dispatcher registers the subcommand
-  TRAIN=(python -m lorart.commands.train)
-fi
-"${TRAIN[@]}" \
+lorart train \
   --data uppercase=lorart/data/train/uppercase.jsonl \
   --data json=lorart/data/train/json.jsonl \
   --data pirate=lorart/data/train/pirate.jsonl \

@@ -294,26 +294,30 @@ class LoRALinear(nn.Module):
             raise ValueError(f"unknown adapter {name!r}; this layer has {self.adapter_names}")
 
     # ------------------------------------------------------------------ packing
-    def _present(self) -> tuple[int, ...]:
-        """Global indices of this layer's adapters, in registry order (= stack order)."""
-        return tuple(i for i, n in enumerate(self.registry.names) if n in self.lora_A)
-
     def adapter_stack(self, dtype: torch.dtype, device) -> tuple[AdapterStack, tuple[int, ...]]:
         """All adapters of the layer packed into one ``AdapterStack`` (see module doc)."""
-        present = self._present()
+        # A and B straight from the ParameterDicts' storage: ``lora_A[name]`` goes through
+        # nn.Module.__getattr__, which cost ~35% of a 16-adapter SmolLM2 decode step when
+        # done for every adapter of every layer on every call.
+        pa, pb = self.lora_A._parameters, self.lora_B._parameters
+        present = tuple(i for i, n in enumerate(self.registry.names) if n in pa)
         names = [self.registry.names[i] for i in present]
-        params = [p for n in names for p in (self.lora_A[n], self.lora_B[n])]
+        pairs = [(pa[n], pb[n]) for n in names]
+        params = [p for pair in pairs for p in pair]
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        # The cache stays valid while the same parameter objects hold the same data
+        # (``_version`` moves on every in-place write, e.g. an optimizer step) and the
+        # scales (lora_alpha, use_rslora: plain dicts a user may edit) are unchanged.
         key = (present, dtype, str(device), tuple((id(p), p._version) for p in params),
-               tuple(self.scaling(n) for n in names))
+               tuple(self.lora_alpha[n] for n in names), tuple(self.use_rslora[n] for n in names))
         if not needs_grad and self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1], present
         offsets = [0]
-        for n in names:
-            offsets.append(offsets[-1] + self.lora_A[n].shape[0])
+        for a_n, _ in pairs:
+            offsets.append(offsets[-1] + a_n.shape[0])
         # torch.cat keeps autograd edges to every adapter's own A and B.
-        a = torch.cat([self.lora_A[n] for n in names], 0).to(device=device, dtype=dtype)
-        b = torch.cat([self.lora_B[n] for n in names], 1).to(device=device, dtype=dtype)
+        a = torch.cat([a_n for a_n, _ in pairs], 0).to(device=device, dtype=dtype)
+        b = torch.cat([b_n for _, b_n in pairs], 1).to(device=device, dtype=dtype)
         scales = torch.tensor([self.scaling(n) for n in names], dtype=torch.float32,
                               device=device)
         stack = AdapterStack(a, b, torch.tensor(offsets, dtype=torch.int64), scales, offsets)

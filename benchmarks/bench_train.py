@@ -9,6 +9,9 @@ Variants, each in a fresh subprocess (so memory numbers do not mix):
                   LoRALinear layers; lorart adapter on every linear layer but lm_head
     peft-float    the same weights dequantized to float32 (from_gguf(quantized=False),
                   unpatched to plain nn.Linear), PEFT LoraConfig(target_modules="all-linear")
+    *-bf16        QLoRA-style compute dtype: the frozen float weights (embeddings, norms;
+                  PEFT's dense base too) cast to bfloat16, so activations are bf16; the LoRA
+                  parameters stay float32 (lorart casts them per call, PEFT casts its input)
     *-ckpt        the same with transformers' activation checkpointing (non-reentrant)
 
 Both run the identical step: decoder forward, output layer on the labelled positions,
@@ -75,6 +78,8 @@ def _load(variant: str, rank: int):
 
     ckpt = variant.endswith("-ckpt")
     variant = variant.removesuffix("-ckpt")
+    bf16 = variant.endswith("-bf16")
+    variant = variant.removesuffix("-bf16")
     if variant == "lorart-4bit":
         model, _ = lorart.from_gguf(tokenizer=False)
         lorart.add_adapter(model, "bench", r=rank, lora_alpha=2 * rank,
@@ -90,6 +95,10 @@ def _load(variant: str, rank: int):
                                                  target_modules="all-linear", lora_dropout=0.0))
     else:
         raise ValueError(f"unknown variant {variant!r}")
+    if bf16:  # QLoRA-style compute dtype: frozen float weights in bf16, adapters stay fp32
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16)
     if ckpt:
         from lorart.train.trainer import enable_checkpointing
 
@@ -210,7 +219,7 @@ def main() -> int:
         results.append(res)
         print(json.dumps(res), flush=True)
     by_name = {r["variant"]: r for r in results}
-    for suffix in ("", "-ckpt"):
+    for suffix in ("", "-ckpt", "-bf16", "-bf16-ckpt"):
         a, b = by_name.get("lorart-4bit" + suffix), by_name.get("peft-float" + suffix)
         if a is None or b is None:
             continue

@@ -300,16 +300,18 @@ class LoRALinear(nn.Module):
         # nn.Module.__getattr__, which cost ~35% of a 16-adapter SmolLM2 decode step when
         # done for every adapter of every layer on every call.
         pa, pb = self.lora_A._parameters, self.lora_B._parameters
-        present = tuple(i for i, n in enumerate(self.registry.names) if n in pa)
+        present = tuple([i for i, n in enumerate(self.registry.names) if n in pa])
         names = [self.registry.names[i] for i in present]
         pairs = [(pa[n], pb[n]) for n in names]
         params = [p for pair in pairs for p in pair]
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        needs_grad = torch.is_grad_enabled() and any([p.requires_grad for p in params])
         # The cache stays valid while the same parameter objects hold the same data
         # (``_version`` moves on every in-place write, e.g. an optimizer step) and the
         # scales (lora_alpha, use_rslora: plain dicts a user may edit) are unchanged.
-        key = (present, dtype, str(device), tuple((id(p), p._version) for p in params),
-               tuple(self.lora_alpha[n] for n in names), tuple(self.use_rslora[n] for n in names))
+        # Lists, not generators: this runs for every layer on every decode step.
+        key = (present, dtype, str(device), [id(p) for p in params],
+               [p._version for p in params], [self.lora_alpha[n] for n in names],
+               [self.use_rslora[n] for n in names])
         if not needs_grad and self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1], present
         offsets = [0]

@@ -19,9 +19,9 @@ import importlib
 
 import torch
 
-from .. import reference
 from ..quant import QuantizedWeight
 from .base import Backend, Base, LoRAArgs
+from .torch_backend import TorchBackend
 
 MAX_ROWS = 16  # the kernels' largest M (two m8 tensor-core tiles); csrc/cuda/decode.h
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -262,10 +262,4 @@ class CudaBackend(Backend):
     def backward(self, dy, x, base, lora, adapter_ids, need_dx, need_dlora, segments=None):
         # Decode is inference; training runs through the torch reference (or pick the
         # triton backend, which has backward kernels) until CUDA backward kernels exist.
-        if lora is None:
-            dx, _, _ = reference.lora_backward(dy, x, base, None, None, [0], [], adapter_ids)
-            return dx, None, None
-        dx, da, db = reference.lora_backward(dy, x, base, lora.a, lora.b, lora.rank_offsets,
-                                             lora.scales, adapter_ids)
-        return (dx if need_dx else None, da if need_dlora else None,
-                db if need_dlora else None)
+        return TorchBackend().backward(dy, x, base, lora, adapter_ids, need_dx, need_dlora)

@@ -49,6 +49,13 @@ DECODE_MAX_ROWS = 20
 # FMA tile of the fused GEMM (4096x4096, 512 rows: 18.6 ms vs 52 ms), which no fusion
 # saving can make up; fp32 keeps the fused GEMM (torch fp32 matmul: 81 ms there).
 LIBRARY_GEMM_MIN_ROWS = 64
+# A dense bf16 W with at least this many rows goes to torch's bf16 GEMM (plus the C++
+# LoRA epilogue): there is nothing to dequantize, and the fused fp32-FMA decode only won
+# at 1 row (4096x4096, rank 16, warm cache, 2 threads, 2026-11-29):
+#   rows      1      2      4      8      16     32
+#   fused   0.64   1.09   1.60   2.43   4.36   3.99 ms
+#   torch   1.00   0.90   0.93   1.08   1.36   2.04 ms  (linear + unfused LoRA)
+DENSE_LIBRARY_GEMM_MIN_ROWS = 2
 # Dequantized W rows per GEMM call. Smaller chunks would stay in L3, but oneDNN ran
 # 1024-row chunks ~50% slower than one 4096-row call (4096x4096, 512 rows), and the
 # chunked yᵀ form ~2x slower at 4096x11008, so layers up to 256 MiB of bf16 W (every
@@ -129,6 +136,9 @@ def _forward_impl(
     if scheme != _DENSE and x.dtype == torch.bfloat16 and m >= LIBRARY_GEMM_MIN_ROWS:
         return _forward_library(x, weight, scales, offsets, scheme, group_size, bias, a, b,
                                 rank_offsets, lora_scales, adapter_ids)
+    if scheme == _DENSE and x.dtype == torch.bfloat16 and m >= DENSE_LIBRARY_GEMM_MIN_ROWS:
+        y = torch.nn.functional.linear(x, weight, bias).contiguous()
+        return _add_lora(y, x, a, b, rank_offsets, lora_scales, adapter_ids)
     y = torch.empty((m, n), dtype=x.dtype)
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
     scales = None if scales is None else scales.contiguous()
@@ -168,11 +178,19 @@ def _forward_library(x, weight, scales, offsets, scheme, group_size, bias, a, b,
             else:
                 torch.addmm(bias[n0:n1, None], w_chunk[: n1 - n0], xt, out=yt[n0:n1])
         y = yt.T.contiguous()
-    if a is not None:
-        a, b = a.contiguous(), b.contiguous()
-        ids = None if adapter_ids is None else adapter_ids.to(torch.int32).contiguous()
-        _C.cpu_lora_add(m, _DTYPE_CODE[x.dtype], _ptr(x), _row_stride(x), n, k, _ptr(a),
-                        _ptr(b), b.shape[1], rank_offsets, lora_scales, _ptr(ids), _ptr(y), n)
+    return _add_lora(y, x, a, b, rank_offsets, lora_scales, adapter_ids)
+
+
+def _add_lora(y, x, a, b, rank_offsets, lora_scales, adapter_ids) -> torch.Tensor:
+    """``y [M, N]`` (holding the base output, contiguous) += the LoRA terms, in C++."""
+    if a is None:
+        return y
+    m, k = x.shape
+    n = y.shape[1]
+    a, b = a.contiguous(), b.contiguous()
+    ids = None if adapter_ids is None else adapter_ids.to(torch.int32).contiguous()
+    _C.cpu_lora_add(m, _DTYPE_CODE[x.dtype], _ptr(x), _row_stride(x), n, k, _ptr(a),
+                    _ptr(b), b.shape[1], rank_offsets, lora_scales, _ptr(ids), _ptr(y), n)
     return y
 
 

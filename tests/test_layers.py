@@ -249,3 +249,20 @@ def test_bad_arguments():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="group_size"):
             LoRALinear.from_linear(nn.Linear(40, 8), quantize_scheme="asym", group_size=32)
+
+
+def test_base_linear_matches_linear_and_keeps_its_parameters():
+    """BaseLinear: lorart's kernels at inference, torch's autograd when training."""
+    from lorart.layers import BaseLinear
+
+    linear = torch.nn.Linear(37, 11)
+    wrapped = BaseLinear.wrap(linear)
+    assert wrapped.weight is linear.weight and wrapped.bias is linear.bias
+    x = torch.randn(3, 5, 37)
+    with torch.no_grad():
+        expected = linear(x)
+        got = wrapped(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    wrapped(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, linear.weight.detach().sum(0).expand_as(x))

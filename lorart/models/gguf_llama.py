@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..convert.gguf import from_gguf_q4, gguf_row_permutation, permute_rows
-from ..layers import AdapterRegistry, LoRALinear
+from ..layers import AdapterRegistry, BaseLinear, LoRALinear
 from ..patch import ensure_patch_state
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -164,6 +164,8 @@ def from_gguf(path: str | Path | None = None, quantized: bool = True, progress: 
                          f"{missing.unexpected_keys[:5]}")
     if config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if quantized:  # the float output layer through lorart's kernels too (same Parameter)
+        model.lm_head = BaseLinear.wrap(model.lm_head)
     # Non-persistent buffers were created on meta; rebuild them on the CPU.
     model.model.rotary_emb = LlamaRotaryEmbedding(config)
     model.eval()

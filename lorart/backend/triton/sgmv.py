@@ -30,6 +30,17 @@ from .launch import dot_dtype, dot_precision
 
 
 @triton.jit
+def _segment(starts_ptr, offs_ptr, s):
+    """Rows ``order[seg_lo:seg_hi]`` use adapter ``s``, whose rank rows are ``lo:lo+rank``
+    (segment 0 holds the base-only rows, so adapter s is segment s + 1)."""
+    seg_lo = tl.load(starts_ptr + s + 1)
+    seg_hi = tl.load(starts_ptr + s + 2)
+    lo = tl.load(offs_ptr + s)
+    rank = tl.load(offs_ptr + s + 1) - lo
+    return seg_lo, seg_hi, lo, rank
+
+
+@triton.jit
 def sgmv_shrink_kernel(
     inp_ptr, v_ptr, out_ptr, order_ptr, starts_ptr, offs_ptr,
     C, OUT_STRIDE, STRIDE_R, STRIDE_C,
@@ -37,10 +48,7 @@ def sgmv_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     s = tl.program_id(0)
-    seg_lo = tl.load(starts_ptr + s + 1)
-    seg_hi = tl.load(starts_ptr + s + 2)
-    lo = tl.load(offs_ptr + s)
-    rank = tl.load(offs_ptr + s + 1) - lo
+    seg_lo, seg_hi, lo, rank = _segment(starts_ptr, offs_ptr, s)
     pos = seg_lo + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = pos < seg_hi
     rows = tl.load(order_ptr + pos, mask=m_ok, other=0)
@@ -70,10 +78,7 @@ def sgmv_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     s = tl.program_id(0)
-    seg_lo = tl.load(starts_ptr + s + 1)
-    seg_hi = tl.load(starts_ptr + s + 2)
-    lo = tl.load(offs_ptr + s)
-    rank = tl.load(offs_ptr + s + 1) - lo
+    seg_lo, seg_hi, lo, rank = _segment(starts_ptr, offs_ptr, s)
     pos = seg_lo + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = pos < seg_hi
     rows = tl.load(order_ptr + pos, mask=m_ok, other=0)
@@ -105,10 +110,7 @@ def sgmv_seg_outer_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     s = tl.program_id(0)
-    seg_lo = tl.load(starts_ptr + s + 1)
-    seg_hi = tl.load(starts_ptr + s + 2)
-    lo = tl.load(offs_ptr + s)
-    rank = tl.load(offs_ptr + s + 1) - lo
+    seg_lo, seg_hi, lo, rank = _segment(starts_ptr, offs_ptr, s)
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rr < rank
     rc = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)

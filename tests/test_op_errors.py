@@ -25,9 +25,13 @@ def _stack(n_adapters=3):
     "change,err,match",
     [
         (dict(x=torch.randn(3, K + 1)), ValueError, "x has K=65"),
-        (dict(a=torch.randn(R, K + 1)), ValueError, "lora_a must have shape"),
-        (dict(b=torch.randn(N, R + 1)), ValueError, "lora_b must have shape"),
-        (dict(b=torch.randn(N + 1, R)), ValueError, "lora_b must have shape"),
+        (dict(a=torch.randn(R, K + 1)), ValueError,
+         rf"lora_a must be \[r, K\] = \[{R}, {K}\]; got \[{R}, {K + 1}\]$"),
+        (dict(a=torch.randn(K, R)), ValueError,
+         rf"lora_a must be \[r, K\] = \[{R}, {K}\]; got \[{K}, {R}\] — transposed\?"),
+        (dict(b=torch.randn(N, R + 1)), ValueError, r"lora_b must be \[N, r\]"),
+        (dict(b=torch.randn(N + 1, R)), ValueError, r"lora_b must be \[N, r\]"),
+        (dict(b=torch.randn(R, N)), ValueError, "lora_b .* transposed"),
         (dict(a=torch.randn(R, K, dtype=torch.float64)), TypeError, "lora_a dtype"),
         (dict(w=torch.randn(N, K).bfloat16()), TypeError, "base weight dtype"),
         (dict(w=torch.randn(N, K, 1)), ValueError, "base must be a weight"),
@@ -45,7 +49,7 @@ def test_lora_linear_bad_input(parts, change, err, match):
 
 def test_bad_bias_and_scale(parts):
     p = parts
-    with pytest.raises(ValueError, match="bias must have shape"):
+    with pytest.raises(ValueError, match=r"bias must be \[N\] = "):
         lorart.lora_linear(p["x"], p["w"], p["a"], p["b"], 0.5, bias=torch.randn(N + 1))
     with pytest.raises(TypeError, match="scale must be a Python number"):
         lorart.lora_linear(p["x"], p["w"], p["a"], p["b"], torch.tensor(0.5))

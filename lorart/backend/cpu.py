@@ -22,7 +22,7 @@ import torch
 
 from .. import _C
 from ..quant import QuantizedWeight
-from .base import Backend, Base, LoRAArgs
+from .base import Backend, Base, LoRAArgs, ids_of
 
 __all__ = ["CpuBackend", "available_isas", "isa", "set_isa"]
 
@@ -290,7 +290,7 @@ def _base_parts(base: Base) -> tuple:
 def _lora_parts(lora: LoRAArgs | None) -> tuple:
     if lora is None:
         return None, None, [0], []
-    return lora.a, lora.b, list(lora.rank_offsets), [float(s) for s in lora.scales]
+    return lora.a, lora.b, lora.rank_offsets, lora.scales
 
 
 class CpuBackend(Backend):
@@ -318,7 +318,7 @@ class CpuBackend(Backend):
             return f"adapters are {lora.a.dtype}, x is {x.dtype}"
         return None
 
-    def forward(self, x, base, bias, lora, adapter_ids, segments=None):
+    def forward(self, x, base, bias, lora, batch=None):
         weight, scales, offsets, scheme, group_size = _base_parts(base)
         a, b, rank_offsets, lora_scales = _lora_parts(lora)
         # Eager calls skip the dispatcher (~10 us of a ~200 us decode step); traced calls
@@ -326,13 +326,13 @@ class CpuBackend(Backend):
         op = torch.ops.lorart.cpu_lora_forward if torch.compiler.is_compiling() else _forward_impl
         return op(
             x, weight, scales, offsets, scheme, group_size, bias, a, b, rank_offsets,
-            lora_scales, adapter_ids, DECODE_MAX_ROWS)
+            lora_scales, ids_of(batch), DECODE_MAX_ROWS)
 
-    def backward(self, dy, x, base, lora, adapter_ids, need_dx, need_dlora, segments=None):
+    def backward(self, dy, x, base, lora, batch, need_dx, need_dlora):
         weight, scales, offsets, scheme, group_size = _base_parts(base)
         a, b, rank_offsets, lora_scales = _lora_parts(lora)
         dx, da, db = torch.ops.lorart.cpu_lora_backward(
             dy, x, weight, scales, offsets, scheme, group_size, a, b, rank_offsets,
-            lora_scales, adapter_ids, need_dx, need_dlora and lora is not None)
+            lora_scales, ids_of(batch), need_dx, need_dlora and lora is not None)
         with_lora = need_dlora and lora is not None
         return (dx if need_dx else None, da if with_lora else None, db if with_lora else None)

@@ -20,7 +20,7 @@ import importlib
 import torch
 
 from ..quant import QuantizedWeight
-from .base import Backend, Base, LoRAArgs
+from .base import Backend, Base, LoRAArgs, ids_of
 from .torch_backend import TorchBackend
 
 MAX_ROWS = 16  # the kernels' largest M (two m8 tensor-core tiles); csrc/cuda/decode.h
@@ -191,11 +191,6 @@ def _cuda_lora_decode_fake(x, weight, scales, offsets, bias, lora_a, lora_b, ran
 class CudaBackend(Backend):
     name = "cuda"
 
-    def __init__(self) -> None:
-        # Device copies of (rank_offsets, scales), keyed by their values: the op surface
-        # hands Python lists, and re-uploading them every layer would cost a copy each.
-        self._meta: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
     def status(self) -> tuple[bool, str]:
         try:
             mod = _module()
@@ -231,18 +226,7 @@ class CudaBackend(Backend):
             return "adapters must be in x's dtype"
         return None
 
-    def _adapter_meta(self, lora: LoRAArgs, device: torch.device):
-        key = (tuple(lora.rank_offsets), tuple(lora.scales), str(device))
-        meta = self._meta.get(key)
-        if meta is None:
-            if len(self._meta) >= 256:  # bounded: adapters come and go
-                self._meta.clear()
-            meta = (torch.tensor(lora.rank_offsets, dtype=torch.int64, device=device),
-                    torch.tensor(lora.scales, dtype=torch.float32, device=device))
-            self._meta[key] = meta
-        return meta
-
-    def forward(self, x, base, bias, lora, adapter_ids, segments=None):
+    def forward(self, x, base, bias, lora, batch=None):
         if isinstance(base, QuantizedWeight):
             weight, scales = base.qweight.contiguous(), base.scales.contiguous()
             offsets = None if base.offsets is None else base.offsets.contiguous()
@@ -253,13 +237,13 @@ class CudaBackend(Backend):
         max_rank = 0
         if lora is not None and lora.max_rank > 0:
             a, b, max_rank = lora.a, lora.b, lora.max_rank
-            offs, lora_scales = self._adapter_meta(lora, x.device)
+            offs, lora_scales = lora.device_meta()
         bias = None if bias is None else bias.contiguous()
-        ids = None if adapter_ids is None else adapter_ids.to(torch.int32).contiguous()
+        ids = ids_of(batch)
         return torch.ops.lorart.cuda_lora_decode(x, weight, scales, offsets, bias, a, b, offs,
                                                  lora_scales, ids, group_size, scheme, max_rank)
 
-    def backward(self, dy, x, base, lora, adapter_ids, need_dx, need_dlora, segments=None):
+    def backward(self, dy, x, base, lora, batch, need_dx, need_dlora):
         # Decode is inference; training runs through the torch reference (or pick the
         # triton backend, which has backward kernels) until CUDA backward kernels exist.
-        return TorchBackend().backward(dy, x, base, lora, adapter_ids, need_dx, need_dlora)
+        return TorchBackend().backward(dy, x, base, lora, batch, need_dx, need_dlora)

@@ -18,7 +18,7 @@ import importlib.util
 
 import torch
 
-from ..base import Backend, Base, LoRAArgs
+from ..base import Backend, Base, LoRAArgs, ids_of
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -61,11 +61,12 @@ class TritonBackend(Backend):
             return f"no Triton kernel for dtype={x.dtype} (float32, bfloat16, float16 only)"
         return None
 
-    def forward(self, x, base, bias, lora, adapter_ids, segments=None):
+    def forward(self, x, base, bias, lora, batch=None):
         from . import configs, fused_linear, sgmv
-        from .launch import adapter_meta, batch_segments
+        from .launch import batch_segments
 
         m = x.shape[0]
+        adapter_ids = ids_of(batch)
         quantized = not isinstance(base, torch.Tensor)
         multi = adapter_ids is not None
         path = configs.forward_path(m, quantized, multi, lora is not None)
@@ -84,17 +85,15 @@ class TritonBackend(Backend):
             y = torch.nn.functional.linear(x, base, bias)
         if m == 0:
             return y
-        offs, scales = adapter_meta(lora.rank_offsets, lora.scales, x.device)
-        order, seg_starts = batch_segments(adapter_ids, lora.num_adapters, m, x.device,
-                                           segments)
+        offs, scales = lora.device_meta()
+        order, seg_starts = batch_segments(batch, lora.num_adapters, m, x.device)
         k = x.shape[1]
         xa = sgmv.shrink(x, lora.a, k, 1, order, seg_starts, offs, lora.num_adapters,
                          lora.max_rank, x.dtype)
         return sgmv.expand(y, xa, lora.b, lora.a.shape[0], 1, order, seg_starts, offs, scales,
                            lora.num_adapters, x.dtype)
 
-    def backward(self, dy, x, base, lora, adapter_ids, need_dx, need_dlora, segments=None):
+    def backward(self, dy, x, base, lora, batch, need_dx, need_dlora):
         from .backward import lora_linear_backward
 
-        return lora_linear_backward(dy, x, base, lora, adapter_ids, need_dx, need_dlora,
-                                    segments)
+        return lora_linear_backward(dy, x, base, lora, batch, need_dx, need_dlora)

@@ -288,15 +288,17 @@ class LoRALinear(nn.Module):
         names = [self.registry.names[i] for i in present]
         pairs = [(pa[n], pb[n]) for n in names]
         params = [p for pair in pairs for p in pair]
-        needs_grad = torch.is_grad_enabled() and any([p.requires_grad for p in params])
+        # Traced by torch.compile: packed inside the graph (versions are not traceable).
+        fresh = torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any([p.requires_grad for p in params]))
         # The cache stays valid while the same parameter objects hold the same data
         # (``_version`` moves on every in-place write, e.g. an optimizer step) and the
         # scales (lora_alpha, use_rslora: plain dicts a user may edit) are unchanged.
         # Lists, not generators: this runs for every layer on every decode step.
-        key = (present, dtype, str(device), [id(p) for p in params],
-               [p._version for p in params], [self.lora_alpha[n] for n in names],
-               [self.use_rslora[n] for n in names])
-        if not needs_grad and self._stack_cache is not None and self._stack_cache[0] == key:
+        key = None if fresh else (
+            present, dtype, str(device), [id(p) for p in params], [p._version for p in params],
+            [self.lora_alpha[n] for n in names], [self.use_rslora[n] for n in names])
+        if key is not None and self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1], present
         offsets = [0]
         for a_n, _ in pairs:
@@ -308,7 +310,7 @@ class LoRALinear(nn.Module):
         stack = AdapterStack(a, b, torch.tensor(offsets, dtype=torch.int64),
                              torch.tensor(scales, dtype=torch.float32, device=device), offsets,
                              scales)
-        if not needs_grad:
+        if key is not None:
             self._stack_cache = (key, stack)
         return stack, present
 

@@ -121,7 +121,13 @@ class Route:
 
 def current(registry) -> Route | None:
     """The route of the call in progress on this thread/task, if it is for ``registry``'s
-    model (a route set for one model never steers another model's layers)."""
+    model (a route set for one model never steers another model's layers).
+
+    ``None`` inside code traced by ``torch.compile`` (dynamo cannot trace
+    ``ContextVar.get``): a compiled region gets its ids explicitly, ``adapter_ids=``.
+    """
+    if torch.compiler.is_compiling():
+        return None
     route = _CURRENT.get()
     return route if route is not None and route.registry is registry else None
 

@@ -23,7 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant import QuantizedWeight
+from ..quant import SCHEMES, QuantizedWeight
+
+# Scheme ids as every kernel sees them (lorart::Scheme in csrc/common/quant_math.h);
+# -1 is a dense W.
+SCHEME_IDS = {name: i for i, name in enumerate(SCHEMES)}
 
 
 @dataclass
@@ -43,7 +47,7 @@ class LoRAArgs:
     def __post_init__(self) -> None:
         offs = self.rank_offsets
         self.num_adapters = len(self.scales)
-        self.max_rank = max((hi - lo for lo, hi in zip(offs, offs[1:])), default=0)
+        self.max_rank = max([hi - lo for lo, hi in zip(offs, offs[1:])] or [0])
         self._device_meta: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def device_meta(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,6 +56,15 @@ class LoRAArgs:
             self._device_meta = _device_meta(tuple(self.rank_offsets), tuple(self.scales),
                                              self.a.device)
         return self._device_meta
+
+    @classmethod
+    def on_device(cls, a: torch.Tensor, b: torch.Tensor, rank_offsets: torch.Tensor,
+                  scales: torch.Tensor, max_rank: int) -> LoRAArgs:
+        """From device tensors alone (inside a custom op: no host lists there)."""
+        args = cls(a, b, [], [])
+        args.num_adapters, args.max_rank = scales.numel(), max_rank
+        args._device_meta = (rank_offsets, scales)
+        return args
 
 
 @functools.lru_cache(maxsize=1024)

@@ -22,13 +22,12 @@ import torch
 
 from .. import _C
 from ..quant import QuantizedWeight
-from .base import Backend, Base, LoRAArgs, ids_of
+from .base import SCHEME_IDS, Backend, Base, LoRAArgs, ids_of
 
 __all__ = ["CpuBackend", "available_isas", "isa", "set_isa"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 _SCALE_DTYPE_CODE = {torch.float32: 0, torch.float16: 2}
-_SCHEME_CODE = {"asym": 0, "sym": 1, "nf4": 2}
 _DENSE = -1
 
 # Rows up to which the forward runs the fused decode GEMV (each packed byte unpacked once
@@ -282,7 +281,7 @@ def _(dy, x, weight, scales, offsets, scheme, group_size, a, b, rank_offsets, lo
 def _base_parts(base: Base) -> tuple:
     """``(weight, scales, offsets, scheme_code, group_size)`` of a dense or packed base."""
     if isinstance(base, QuantizedWeight):
-        return (base.qweight, base.scales, base.offsets, _SCHEME_CODE[base.scheme],
+        return (base.qweight, base.scales, base.offsets, SCHEME_IDS[base.scheme],
                 base.group_size)
     return base, None, None, _DENSE, 0
 

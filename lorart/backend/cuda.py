@@ -20,13 +20,12 @@ import importlib
 import torch
 
 from ..quant import QuantizedWeight
-from .base import Backend, Base, LoRAArgs, ids_of
+from .base import SCHEME_IDS, Backend, Base, LoRAArgs, ids_of
 from .torch_backend import TorchBackend
 
 MAX_ROWS = 16  # the kernels' largest M (two m8 tensor-core tiles); csrc/cuda/decode.h
 _DTYPES = (torch.float16, torch.bfloat16)
 _ACT = {torch.float16: 0, torch.bfloat16: 1}
-_SCHEME = {"asym": 0, "sym": 1, "nf4": 2}  # lorart::Scheme in csrc/common/quant_math.h
 _UNVERIFIED = "unverified on a GPU"
 
 
@@ -66,7 +65,7 @@ def _check_op_args(x, weight, scales, offsets, bias, lora_a, lora_b, rank_offset
         if 2 * weight.shape[1] != k:
             raise ValueError(f"qweight must be [N, K/2] = [{n}, {k // 2}], got "
                              f"{tuple(weight.shape)}")
-        if scheme not in _SCHEME.values():
+        if scheme not in SCHEME_IDS.values():
             raise ValueError(f"scheme must be 0 (asym), 1 (sym) or 2 (nf4), got {scheme}")
         if group_size not in (32, 64, 128, 256) or k % group_size:
             raise ValueError(f"group_size must be 32..256 and divide K={k}, got {group_size}")
@@ -74,7 +73,7 @@ def _check_op_args(x, weight, scales, offsets, bias, lora_a, lora_b, rank_offset
             if t is not None and tuple(t.shape) != (n, k // group_size):
                 raise ValueError(f"{name} must be [N, K/group] = [{n}, {k // group_size}], "
                                  f"got {tuple(t.shape)}")
-        if scales is None or (offsets is None) != (scheme != _SCHEME["asym"]):
+        if scales is None or (offsets is None) != (scheme != SCHEME_IDS["asym"]):
             raise ValueError("scales are required, and offsets exactly for scheme asym")
     elif weight.dtype != x.dtype or weight.shape[1] != k:
         raise ValueError(f"dense weight must be [N, K={k}] in x's dtype {x.dtype}, got "
@@ -218,7 +217,7 @@ class CudaBackend(Backend):
         if x.shape[0] > MAX_ROWS:
             return f"the CUDA decode kernels take at most {MAX_ROWS} rows, got M={x.shape[0]}"
         if isinstance(base, QuantizedWeight):
-            if base.scheme not in _SCHEME:
+            if base.scheme not in SCHEME_IDS:
                 return f"no CUDA kernel for scheme={base.scheme!r}"
         elif base.dtype != x.dtype:
             return f"dense base dtype {base.dtype} differs from x dtype {x.dtype}"
@@ -230,7 +229,7 @@ class CudaBackend(Backend):
         if isinstance(base, QuantizedWeight):
             weight, scales = base.qweight.contiguous(), base.scales.contiguous()
             offsets = None if base.offsets is None else base.offsets.contiguous()
-            group_size, scheme = base.group_size, _SCHEME[base.scheme]
+            group_size, scheme = base.group_size, SCHEME_IDS[base.scheme]
         else:
             weight, scales, offsets, group_size, scheme = base, None, None, 0, 0
         a = b = offs = lora_scales = None

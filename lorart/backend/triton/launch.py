@@ -19,10 +19,7 @@ import torch
 import triton.language as tl
 
 from ...quant import QuantizedWeight, code_table
-from ..base import segments_of
-
-# Scheme ids as the kernels see them (tl.constexpr).
-SCHEME_IDS = {"asym": 0, "sym": 1, "nf4": 2}
+from ..base import SCHEME_IDS, segments_of
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 

@@ -93,6 +93,50 @@ def segments_of(batch, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
 Base = torch.Tensor | QuantizedWeight
 
 
+@dataclass(frozen=True)
+class WeightArgs:
+    """A base weight ``[N, K]`` as every backend hands it to its kernels (:func:`weight_args`).
+
+    ``data``: dense ``W [N, K]`` (``scheme = -1``) or packed codes uint8 ``[N, K/2]``
+    (``scheme`` = ``SCHEME_IDS[...]``); ``scales``/``offsets``: ``[N, K/group_size]``
+    (None for dense; offsets only for asym). All contiguous.
+    """
+
+    data: torch.Tensor
+    scales: torch.Tensor | None
+    offsets: torch.Tensor | None
+    scheme: int
+    group_size: int
+    n: int
+    k: int
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme >= 0
+
+    @property
+    def groups(self) -> int:
+        return self.k // self.group_size if self.group_size else 1
+
+
+def weight_args(base: Base) -> WeightArgs:
+    """The kernels' view of ``base``, built once per ``QuantizedWeight`` (kept on it: its
+    tensors are fixed once built) and wrapping a dense W as it is (the op surface made it
+    contiguous)."""
+    if isinstance(base, torch.Tensor):
+        return WeightArgs(base, None, None, -1, 0, *base.shape)
+    if isinstance(base, WeightArgs):
+        return base
+    args = None if torch.compiler.is_compiling() else base.__dict__.get("_kernel_args")
+    if args is None:
+        offsets = None if base.offsets is None else base.offsets.contiguous()
+        args = WeightArgs(base.qweight.contiguous(), base.scales.contiguous(), offsets,
+                          SCHEME_IDS[base.scheme], base.group_size, *base.shape)
+        if not torch.compiler.is_compiling():
+            base.__dict__["_kernel_args"] = args
+    return args
+
+
 class Backend:
     """A set of kernels for the fused LoRA linear op. Subclasses override the methods."""
 

@@ -23,7 +23,7 @@ import torch
 
 from .. import _C
 from ..quant import QuantizedWeight
-from .base import SCHEME_IDS, Backend, Base, LoRAArgs, ids_of
+from .base import Backend, Base, LoRAArgs, ids_of, weight_args
 
 __all__ = ["CpuBackend", "available_isas", "isa", "set_isa"]
 
@@ -288,14 +288,6 @@ def _(dy, x, weight, scales, offsets, scheme, group_size, a, b, rank_offsets, lo
 
 
 # --------------------------------------------------------------------------- backend
-def _base_parts(base: Base) -> tuple:
-    """``(weight, scales, offsets, scheme_code, group_size)`` of a dense or packed base."""
-    if isinstance(base, QuantizedWeight):
-        return (base.qweight, base.scales, base.offsets, SCHEME_IDS[base.scheme],
-                base.group_size)
-    return base, None, None, _DENSE, 0
-
-
 def _lora_parts(lora: LoRAArgs | None) -> tuple:
     if lora is None:
         return None, None, [0], []
@@ -328,20 +320,19 @@ class CpuBackend(Backend):
         return None
 
     def forward(self, x, base, bias, lora, batch=None):
-        weight, scales, offsets, scheme, group_size = _base_parts(base)
+        w = weight_args(base)
         a, b, rank_offsets, lora_scales = _lora_parts(lora)
         # Eager calls skip the dispatcher (~10 us of a ~200 us decode step); traced calls
         # go through the registered op so torch.compile sees it.
         op = torch.ops.lorart.cpu_lora_forward if torch.compiler.is_compiling() else _forward_impl
-        return op(
-            x, weight, scales, offsets, scheme, group_size, bias, a, b, rank_offsets,
-            lora_scales, ids_of(batch), DECODE_MAX_ROWS)
+        return op(x, w.data, w.scales, w.offsets, w.scheme, w.group_size, bias, a, b,
+                  rank_offsets, lora_scales, ids_of(batch), DECODE_MAX_ROWS)
 
     def backward(self, dy, x, base, lora, batch, need_dx, need_dlora):
-        weight, scales, offsets, scheme, group_size = _base_parts(base)
+        w = weight_args(base)
         a, b, rank_offsets, lora_scales = _lora_parts(lora)
         dx, da, db = torch.ops.lorart.cpu_lora_backward(
-            dy, x, weight, scales, offsets, scheme, group_size, a, b, rank_offsets,
+            dy, x, w.data, w.scales, w.offsets, w.scheme, w.group_size, a, b, rank_offsets,
             lora_scales, ids_of(batch), need_dx, need_dlora and lora is not None)
         with_lora = need_dlora and lora is not None
         return (dx if need_dx else None, da if with_lora else None, db if with_lora else None)

@@ -20,7 +20,7 @@ import importlib
 import torch
 
 from ..quant import QuantizedWeight
-from .base import SCHEME_IDS, Backend, Base, LoRAArgs, ids_of
+from .base import SCHEME_IDS, Backend, Base, LoRAArgs, ids_of, weight_args
 from .torch_backend import TorchBackend
 
 MAX_ROWS = 16  # the kernels' largest M (two m8 tensor-core tiles); csrc/cuda/decode.h
@@ -226,12 +226,7 @@ class CudaBackend(Backend):
         return None
 
     def forward(self, x, base, bias, lora, batch=None):
-        if isinstance(base, QuantizedWeight):
-            weight, scales = base.qweight.contiguous(), base.scales.contiguous()
-            offsets = None if base.offsets is None else base.offsets.contiguous()
-            group_size, scheme = base.group_size, SCHEME_IDS[base.scheme]
-        else:
-            weight, scales, offsets, group_size, scheme = base, None, None, 0, 0
+        w = weight_args(base)
         a = b = offs = lora_scales = None
         max_rank = 0
         if lora is not None and lora.max_rank > 0:
@@ -239,8 +234,9 @@ class CudaBackend(Backend):
             offs, lora_scales = lora.device_meta()
         bias = None if bias is None else bias.contiguous()
         ids = ids_of(batch)
-        return torch.ops.lorart.cuda_lora_decode(x, weight, scales, offsets, bias, a, b, offs,
-                                                 lora_scales, ids, group_size, scheme, max_rank)
+        return torch.ops.lorart.cuda_lora_decode(x, w.data, w.scales, w.offsets, bias, a, b, offs,
+                                                 lora_scales, ids, w.group_size,
+                                                 max(w.scheme, 0), max_rank)
 
     def backward(self, dy, x, base, lora, batch, need_dx, need_dlora):
         # Decode is inference; training runs through the torch reference (or pick the

@@ -23,8 +23,7 @@ import importlib.util
 import torch
 
 from ...adapters import AdapterBatch
-from ...quant import SCHEMES, QuantizedWeight
-from ..base import SCHEME_IDS, Backend, Base, LoRAArgs, ids_of
+from ..base import Backend, Base, LoRAArgs, WeightArgs, ids_of, weight_args
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -122,24 +121,21 @@ def _forward(x, base, bias, lora, batch):
 # max_rank (None a: base only); adapter_ids [M] int32 with the batch's order [M] and
 # seg_starts [S+2] (None ids: every row uses adapter 0).
 def _flat(base, bias, lora, batch) -> tuple:
-    if isinstance(base, QuantizedWeight):
-        weight = (base.qweight, base.scales, base.offsets, SCHEME_IDS[base.scheme],
-                  base.group_size)
-    else:
-        weight = (base, None, None, -1, 0)
+    w = weight_args(base)
     adapters = (None, None, None, None, 0) if lora is None else (
         lora.a, lora.b, *lora.device_meta(), lora.max_rank)
     ids = ids_of(batch)
     segments = (None, None) if ids is None else (
         batch.segments()[:2] if isinstance(batch, AdapterBatch)
         else AdapterBatch(ids, lora.num_adapters, checked=True).segments()[:2])
-    return (*weight, bias, *adapters, ids, *segments)
+    return (w.data, w.scales, w.offsets, w.scheme, w.group_size, bias, *adapters, ids,
+            *segments)
 
 
 def _unflat(weight, scales, offsets, scheme, group_size, bias, a, b, rank_offsets,
             lora_scales, max_rank, adapter_ids, order, seg_starts):
-    base = weight if scheme < 0 else QuantizedWeight(weight, scales, offsets, group_size,
-                                                     SCHEMES[scheme])
+    base = weight if scheme < 0 else WeightArgs(weight, scales, offsets, scheme, group_size,
+                                                weight.shape[0], 2 * weight.shape[1])
     lora = None if a is None else LoRAArgs.on_device(a, b, rank_offsets, lora_scales, max_rank)
     batch = None
     if adapter_ids is not None:

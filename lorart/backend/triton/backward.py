@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..base import weight_args
 from . import configs, sgmv
-from .launch import WeightArgs, batch_segments, dot_dtype, dot_precision
+from .launch import batch_segments, dot_dtype, dot_precision, weight_pointers
 from .weights import weight_tile
 
 
@@ -52,7 +53,7 @@ def dx_base_kernel(
 def dx_base(dy: torch.Tensor, base) -> torch.Tensor:
     """``dX [M, K]`` fp32 ``= dY [M, N] · W`` for a dense or quantized base."""
     m, n = dy.shape
-    wa = WeightArgs(base, dy)
+    wa = weight_args(base)
     k = wa.k
     dx = torch.empty(m, k, dtype=torch.float32, device=dy.device)
     if m == 0 or k == 0:
@@ -62,7 +63,7 @@ def dx_base(dy: torch.Tensor, base) -> torch.Tensor:
     blk = configs.dx_blocks(configs.bucket_rows(m), n, k, wa.group_size)
     grid = (triton.cdiv(m, blk.m), triton.cdiv(k, blk.k))
     dx_base_kernel[grid](
-        dy, *wa.args(), dx, m, n, k, wa.groups,
+        dy, *weight_pointers(wa, dy), dx, m, n, k, wa.groups,
         QUANT=wa.quantized, SCHEME=wa.scheme, GROUP=max(wa.group_size, 1),
         DOT=dot_dtype(dy.dtype), PREC=dot_precision(dy.dtype),
         BLOCK_M=blk.m, BLOCK_N=blk.n, BLOCK_K=blk.k, num_warps=blk.num_warps)

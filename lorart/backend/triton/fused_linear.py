@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..base import weight_args
 from . import configs
-from .launch import WeightArgs, dot_dtype, dot_precision
+from .launch import dot_dtype, dot_precision, weight_pointers
 from .weights import weight_tile
 
 
@@ -134,7 +135,7 @@ def fused_forward(x: torch.Tensor, base, bias: torch.Tensor | None, lora,
     """
     m, k = x.shape
     bias = None if bias is None else bias.contiguous()  # the op surface may pass a view
-    wa = WeightArgs(base, x)
+    wa = weight_args(base)
     n = wa.n
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -159,7 +160,7 @@ def fused_forward(x: torch.Tensor, base, bias: torch.Tensor | None, lora,
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, blocks.m), triton.cdiv(n, blocks.n), split)
     fused_lora_linear_kernel[grid](
-        x, *wa.args(), bias if bias is not None else x, out,
+        x, *weight_pointers(wa, x), bias if bias is not None else x, out,
         a, b, ids, offs, lscales,
         m, n, k, r_total, max_rank, wa.groups, k_per_split,
         QUANT=wa.quantized, SCHEME=wa.scheme, GROUP=max(wa.group_size, 1),

@@ -18,8 +18,8 @@ import sys
 import torch
 import triton.language as tl
 
-from ...quant import QuantizedWeight, code_table
-from ..base import SCHEME_IDS, segments_of
+from ...quant import SCHEMES, code_table
+from ..base import WeightArgs, segments_of
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -53,30 +53,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dot_dtype(dtype) == tl.float32 else "tf32"
 
 
-class WeightArgs:
-    """Base weight as kernel arguments: dense ``w [N, K]`` or the packed 4-bit tensors."""
-
-    def __init__(self, base: torch.Tensor | QuantizedWeight, like: torch.Tensor):
-        self.quantized = isinstance(base, QuantizedWeight)
-        self.n, self.k = base.shape
-        # Kernels index with row-major strides; .contiguous() is free when already so
-        # (QuantizedWeight does not require it, e.g. after a converter's transpose).
-        if self.quantized:
-            self.w = like  # unused placeholder pointer
-            self.qweight, self.scales = base.qweight.contiguous(), base.scales.contiguous()
-            self.offsets = (base.offsets if base.offsets is not None else base.scales).contiguous()
-            self.table = _code_table(base.scheme, base.device)
-            self.group_size = base.group_size
-            self.groups = self.k // base.group_size
-            self.scheme = SCHEME_IDS[base.scheme]
-        else:
-            self.w = base.contiguous()
-            self.qweight = self.scales = self.offsets = self.table = like
-            self.group_size, self.groups, self.scheme = 0, 1, 0
-
-    def args(self) -> tuple:
-        """Pointers in kernel order: w, qweight, scales, offsets, table."""
-        return (self.w, self.qweight, self.scales, self.offsets, self.table)
+def weight_pointers(w: WeightArgs, like: torch.Tensor) -> tuple:
+    """The weight's pointers in kernel order: w, qweight, scales, offsets, table (unused
+    ones point at ``like``)."""
+    if not w.quantized:
+        return w.data, like, like, like, like
+    table = _code_table(SCHEMES[w.scheme], w.data.device)
+    return like, w.data, w.scales, w.scales if w.offsets is None else w.offsets, table
 
 
 _TABLES: dict[tuple[str, str], torch.Tensor] = {}

@@ -184,6 +184,31 @@ def test_threads_sharing_one_model_each_get_their_own_adapters():
             _hammer([make(i) for i in range(7)], solo)
 
 
+@pytest.mark.slow
+def test_threads_sharing_the_real_smollm2():
+    """The same on the real 4-bit SmolLM2 (lorart.from_gguf), generating text."""
+    pytest.importorskip("gguf")
+    try:
+        model, tok = lorart.from_gguf()
+    except (ImportError, FileNotFoundError) as exc:
+        pytest.skip(f"SmolLM2 GGUF not available: {exc}")
+    for name in ("x", "y"):
+        lorart.add_adapter(model, name, r=4, lora_alpha=64, init_lora_weights=False,
+                           target_modules="all-linear")
+    prompts = ["What is the capital of France?", "Name three colors.", "Why is the sky blue?"]
+    names = ["x", "__base__", "y", "y", "x", "__base__"]
+    inputs = [tok([prompts[i % 3]], return_tensors="pt") for i in range(6)]
+
+    def gen(i):
+        return lambda: model.generate(**inputs[i], adapter_names=[names[i]], max_new_tokens=3,
+                                      do_sample=False)
+
+    with torch.no_grad():
+        solo = [gen(i)() for i in range(6)]
+        assert not torch.equal(solo[0], solo[3])  # same prompt, x vs y: the text differs
+        _hammer([gen(i) for i in range(6)], solo, repeats=2)
+
+
 # ------------------------------------------------------------------ host reads
 _LORART_DIR = str(Path(lorart.__file__).parent)
 

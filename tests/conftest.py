@@ -66,15 +66,9 @@ def pytest_collection_modifyitems(config, items):
         if item.path.name in TRITON_TEST_FILES:
             item.add_marker(skip)
 
-# Per-dtype tolerance, as a fraction of the largest |expected| value (the output's
-# scale): fp32 accumulation order differs between kernels (~1e-6 at K=4096); bf16
-# and fp16 outputs carry one rounding of 2^-8 and 2^-11 plus the inputs' rounding.
-TOLERANCE = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1.6e-2,
-}
+# Per-dtype tolerance, as a fraction of the largest |expected| value: the one table, shared
+# with the GPU check and the benchmarks.
+from lorart.bench.tolerance import TOLERANCE  # noqa: E402
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,

@@ -88,24 +88,23 @@ def timed_generate(model, batch, names, new_tokens, repeats, pad_id):
     return best, out
 
 
-def load_models(path: Path) -> tuple[dict, object, dict]:
-    """``({variant: model}, tokenizer, {variant: load seconds})``; PEFT's model is the float
-    transformers model (adapters are added to it later)."""
+def load_models(path: Path) -> tuple[dict, dict]:
+    """``({variant: model}, {variant: load seconds})``; PEFT's is the float transformers
+    model (its adapters are added later)."""
     import lorart
 
     from .e2e import load_float_model
 
+    loaders = {"lorart_q4": lambda: lorart.from_gguf(path, tokenizer=False)[0],
+               "lorart_dense": lambda: lorart.from_gguf(path, quantized=False,
+                                                        tokenizer=False)[0],
+               "peft": lambda: load_float_model(path).eval()}
     models, load_s = {}, {}
-    t0 = time.perf_counter()
-    models["lorart_q4"], tok = lorart.from_gguf(path)
-    load_s["lorart_q4"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    models["lorart_dense"], _ = lorart.from_gguf(path, quantized=False, tokenizer=False)
-    load_s["lorart_dense"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    models["peft"] = load_float_model(path).eval()
-    load_s["peft"] = time.perf_counter() - t0
-    return models, tok, load_s
+    for variant, load in loaders.items():
+        t0 = time.perf_counter()
+        models[variant] = load()
+        load_s[variant] = time.perf_counter() - t0
+    return models, load_s
 
 
 def linear_bytes(model) -> int:
@@ -124,11 +123,13 @@ def run(adapter_counts: list[int], batch_size: int, new_tokens: int, rank: int,
     record of weight bytes; prints a line per record."""
     import lorart
     from lorart.models import default_gguf_path
+    from lorart.models.gguf_llama import load_tokenizer
 
     from .machine import context as machine_context
 
     path = default_gguf_path()
-    models, tok, load_s = load_models(path)
+    models, load_s = load_models(path)
+    tok = load_tokenizer(path)
     weights = {v: weight_bytes(m)[0] for v, m in models.items()}
     linear = {v: linear_bytes(m) for v, m in models.items()}
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]

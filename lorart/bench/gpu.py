@@ -174,31 +174,17 @@ def case_work(case: Case, base, stack, x) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------ runners
-def _ids_segments(batch):
-    return (None, None) if batch is None else (batch.ids, batch.segments)
-
-
-def triton_forward(case, base, stack, batch, x):
-    from lorart.backend import get_backend
-
-    backend, lora = get_backend("triton"), lora_args(stack)
-    ids, segments = _ids_segments(batch)
-    return lambda b=base: backend.forward(x, b, None, lora, ids, segments)
-
-
-def triton_base_only(base, x):
+def triton_forward(case, base, stack, batch, x, dy=None):
+    """The Triton backend's call for this case, as ``fn(weight)``: forward, or backward when
+    ``dy`` is given (dx, dA, dB); ``stack=None`` is the base-only forward."""
     from lorart.backend import get_backend
 
     backend = get_backend("triton")
-    return lambda b=base: backend.forward(x, b, None, None, None)
-
-
-def triton_backward(case, base, stack, batch, x, dy):
-    from lorart.backend import get_backend
-
-    backend, lora = get_backend("triton"), lora_args(stack)
-    ids, segments = _ids_segments(batch)
-    return lambda b=base: backend.backward(dy, x, b, lora, ids, True, True, segments)
+    lora = None if stack is None else lora_args(stack)
+    ids, segments = (None, None) if batch is None else (batch.ids, batch.segments)
+    if dy is not None:
+        return lambda b=base: backend.backward(dy, x, b, lora, ids, True, True, segments)
+    return lambda b=base: backend.forward(x, b, None, lora, ids, segments)
 
 
 def _peft_setup(stack, batch):
@@ -314,7 +300,7 @@ def check_case(case: Case, device, dtype) -> tuple[float, dict]:
     if case.kind == "backward":
         dy = torch.randn(case.rows, case.n, device=device, dtype=dtype)
         inputs["dy"] = dy
-        dx, da, db = triton_backward(case, base, stack, batch, x, dy)()
+        dx, da, db = triton_forward(case, base, stack, batch, x, dy)()
         ref = reference.lora_backward(dy.float(), x.float(), _reference(base), *lora, ids)
         err = max(rel_err(dx, ref[0]), rel_err(da, ref[1]), rel_err(db, ref[2]))
         baseline = peft_backward(case, base, stack, batch, x, dy)()[0]
@@ -326,7 +312,7 @@ def check_case(case: Case, device, dtype) -> tuple[float, dict]:
         if case.kind == "decode":  # the base-only path of the same kernel, checked too
             ref0 = reference.lora_forward(x.float(), _reference(base), None, None, None, [0],
                                           [], None)
-            err = max(err, rel_err(triton_base_only(base, x)(), ref0))
+            err = max(err, rel_err(triton_forward(case, base, None, None, x)(), ref0))
     inputs["baseline_err"] = rel_err(baseline, ref[0] if case.kind == "backward" else ref)
     return err, inputs
 
@@ -353,7 +339,7 @@ def time_case(case: Case, inputs: dict, ceilings: dict, timer=bench_ms,
     out: dict = {}
     if case.kind == "backward":
         dy = inputs["dy"]
-        out["time_ms"], out["timer"] = timer(triton_backward(case, base, stack, batch, x, dy),
+        out["time_ms"], out["timer"] = timer(triton_forward(case, base, stack, batch, x, dy),
                                              weights, graph)
         out["peft_ms"], _ = timer(peft_backward(case, base, stack, batch, x, dy), weights,
                                   graph)
@@ -362,7 +348,8 @@ def time_case(case: Case, inputs: dict, ceilings: dict, timer=bench_ms,
                                              weights, graph)
         out["peft_ms"], _ = timer(peft_forward(case, base, stack, batch, x), weights, graph)
         if case.kind == "decode" and not is_dense(base):
-            out["base_only_ms"], _ = timer(triton_base_only(base, x), weights, graph)
+            base_only = triton_forward(case, base, None, None, x)
+            out["base_only_ms"], _ = timer(base_only, weights, graph)
         if case.kind == "multi64":  # the same rows with one adapter: the multi-adapter cost
             one = Case(case.kind, case.n, case.k, case.rows, case.rank, 1, case.weight)
             b1, s1, _, x1 = make_inputs(one, x.device, x.dtype)

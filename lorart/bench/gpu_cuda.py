@@ -1,6 +1,6 @@
 """GPU check of the CUDA C++ decode kernels (``lorart.backend.cuda``): correctness, then timing.
 
-    python benchmarks/gpu_check_cuda.py [--dry-run]      # standalone; prints the rows
+    python -m lorart.bench.gpu_cuda [--dry-run]      # standalone; prints the rows
     (or through benchmarks/gpu_check.py, whose table ends with these rows)
 
 ``cuda_suite(dry)`` returns one dict per row with keys ``name``, ``shape`` ("N×K"),
@@ -127,18 +127,6 @@ def correctness_rows(backend, device, dry: bool) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ timing
-def copy_bandwidth_gbps(device) -> float:
-    """Device-to-device copy (read + write of 1 GiB), median of CUDA-event timings."""
-    import torch
-
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = _event_times(lambda d=dst, s=src: d.copy_(s), reps=15)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * (1 << 30) / (statistics.median(times) * 1e-3) / 1e9
-
-
 def _event_times(fn, reps: int) -> list[float]:
     import torch
 
@@ -266,22 +254,28 @@ def cuda_suite(dry: bool) -> list[dict]:
     if not all(r["ok"] for r in rows):
         rows.append(_row("timing", note="skipped: a correctness check failed"))
         return rows
-    copy_gbps = copy_bandwidth_gbps(device)
+    from .machine import measure_ceilings
+
+    copy_gbps = measure_ceilings(device, "gpu")["copy_gbps"]
+    torch.cuda.empty_cache()
     rows.append(_row("copy_bandwidth", time_ms=None, gbps=copy_gbps, ok=True,
-                     note="device-to-device copy, read + write of 1 GiB"))
+                     note="device-to-device copy, read + write of 1 GiB, best of 10"))
     return rows + timing_rows(backend, device, copy_gbps)
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from .gpu import print_table
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="correctness only, no timing")
-    args = parser.parse_args(argv)
-    rows = cuda_suite(args.dry_run)
-    for r in rows:
-        print(f"{r['name']:<34} {r['shape']:>11} {r['rows']:>3} {r['adapters']:>3} "
-              f"{'-' if r['time_ms'] is None else format(r['time_ms'], '.4f'):>8} ms "
-              f"{'-' if r['gbps'] is None else format(r['gbps'], '.0f'):>6} GB/s "
-              f"err {r['max_err']:.1e} {'ok' if r['ok'] else 'NOT OK'}  {r['note']}")
+    rows = cuda_suite(parser.parse_args(argv).dry_run)
+    print_table(rows, None)
     return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -129,10 +129,9 @@ def _lorart_prepare(backend_name: str):
 # --------------------------------------------------------------------------- baselines
 def adapter_groups(ids: torch.Tensor | None,
                    adapters: int) -> list[tuple[int, torch.Tensor | None]]:
-    """``[(s, rows using s)]`` for each adapter present; ``[(0, None)]`` (every row, adapter 0)
-    when ``ids`` is None. Computed once per batch, as a serving engine would, so the timed
-    call does no host sync (and a CUDA graph can capture it): kinder to the baseline than
-    PEFT's ``_mixed_batch_forward``, which finds the rows on every call."""
+    """``[(s, rows using s)]`` per adapter present (``[(0, None)]``: every row, adapter 0).
+    Found once per batch, so a timed call does no host sync (a CUDA graph can capture it):
+    kinder to the baseline than PEFT, which finds the rows on every call."""
     if ids is None:
         return [(0, None)]
     groups = [(s, (ids == s).nonzero().squeeze(1)) for s in range(adapters)]

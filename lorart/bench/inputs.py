@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,15 +65,10 @@ def dequantize_like_torch(qweight: QuantizedWeight, dtype: torch.dtype) -> torch
     return w.view(n, k)
 
 
-_NF4: dict = {}
-
-
+@functools.lru_cache
 def _nf4_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The 16 NF4 values on ``device`` in ``dtype``, made once per (device, dtype)."""
-    key = (str(device), dtype)
-    if key not in _NF4:
-        _NF4[key] = code_table("nf4", device).to(dtype)
-    return _NF4[key]
+    return code_table("nf4", device).to(dtype)
 
 
 @dataclass

@@ -1,10 +1,7 @@
-"""How close a kernel's output must be to the fp32/fp64 reference: the one tolerance table.
-
-Used by the test suite (``tests/conftest.py``), the GPU check and the benchmark's output
-check. A tolerance is a fraction of the largest |expected| value (the output's scale):
-fp32 accumulation order differs between kernels (~1e-6 at K=4096); bf16 and fp16 outputs
-carry one rounding of 2^-8 and 2^-11 plus the inputs' rounding.
-"""
+"""The one tolerance table (tests, GPU check, benchmarks): a kernel's max error against the
+fp32/fp64 reference as a fraction of max |expected|. fp32 accumulation order differs between
+kernels (~1e-6 at K=4096); bf16 and fp16 carry one rounding of 2^-8 and 2^-11 plus the
+inputs'."""
 
 from __future__ import annotations
 

@@ -25,8 +25,9 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_TEST_FILES = ("test_triton_backend.py", "test_triton_compile.py")
 
 
-def _import_installed_lorart():
-    """Import lorart as installed, never the bare source tree without its compiled module.
+def _import_installed_lorart() -> str | None:
+    """Import lorart as installed, never the bare source tree without its compiled module;
+    returns what is wrong, if anything.
 
     ``python -m pytest`` puts the current directory first on ``sys.path``, so from the
     repository root a non-editable install would be shadowed by ``./lorart`` (no
@@ -39,22 +40,28 @@ def _import_installed_lorart():
         warnings.simplefilter("ignore")  # lorart warns once when _C is missing
         import lorart
         if has_c():
-            return
+            return None
         source_tree = Path(lorart.__file__).resolve().parent == REPO / "lorart"
         if not source_tree:
-            return  # installed without the C++ module (build failed): its tests skip, say so
+            return None  # installed without the C++ module (build failed): its tests skip
         for name in [m for m in sys.modules if m == "lorart" or m.startswith("lorart.")]:
             del sys.modules[name]
         sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
         try:
             importlib.import_module("lorart")
         except ImportError:
-            pytest.exit("lorart is not installed: the tests import the installed package "
-                        "(./lorart has no compiled module). Run `make test`, or "
-                        "`pip install \".[test]\"` first.", returncode=4)
+            return ("lorart is not installed: the tests import the installed package "
+                    "(./lorart has no compiled module). Run `make test`, or "
+                    "`pip install \".[test]\"` first.")
+    return None
 
 
-_import_installed_lorart()
+_LORART_PROBLEM = _import_installed_lorart()
+
+
+def pytest_configure(config):
+    if _LORART_PROBLEM:
+        raise pytest.UsageError(_LORART_PROBLEM)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -68,7 +75,8 @@ def pytest_collection_modifyitems(config, items):
 
 # Per-dtype tolerance, as a fraction of the largest |expected| value: the one table, shared
 # with the GPU check and the benchmarks.
-from lorart.bench.tolerance import TOLERANCE  # noqa: E402
+if _LORART_PROBLEM is None:
+    from lorart.bench.tolerance import TOLERANCE
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,

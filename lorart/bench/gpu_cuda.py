@@ -13,12 +13,12 @@
    max |error| / max |reference|; ``ok`` uses the test suite's tolerance per dtype.
 2. Timing (skipped when ``dry``): 4-bit asym g128, bf16, N×K from 4096×4096 to
    28672×8192, 1/4/8 rows, one adapter per row at rank 16, with and without adapters.
-   Each timed call is replayed from a CUDA graph that cycles through copies of the
-   weight totalling >= 256 MiB (so weights come from HBM, not the 60 MB L2, and launch
-   overhead is not what is measured); the time is the median over CUDA-event-timed
-   replays divided by the calls per replay. GB/s counts the bytes a layer must move
-   (packed weight, scales, offsets, the used adapters' A and B, x, y) and is compared
-   with a device-to-device copy bandwidth measured in the same run.
+   Timed as the Triton kernels are (:func:`lorart.bench.gpu.bench_ms`): calls replayed from
+   a CUDA graph, cycling through copies of the weight totalling >= 256 MiB (so weights
+   come from HBM, not the 60 MB L2, and launch overhead is not what is measured); median.
+   GB/s counts the bytes a layer must move (packed weight, scales, offsets, the used
+   adapters' A and B, x, y) and is compared with a device-to-device copy bandwidth
+   measured in the same run.
    Targets (H200): >= 75% of the copy bandwidth at 1-8 rows; LoRA adds <= 10% over the
    same kernel without adapters. Each timed row's note says met / NOT met.
 
@@ -28,7 +28,6 @@ Without a GPU it returns ``[]`` and prints why (``--dry-run`` on CPU must not fa
 from __future__ import annotations
 
 import math
-import statistics
 
 from .tolerance import tolerance
 
@@ -127,22 +126,6 @@ def correctness_rows(backend, device, dry: bool) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ timing
-def _event_times(fn, reps: int) -> list[float]:
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        out.append(start.elapsed_time(end))
-    return out
-
-
 def _random_weight(n, k, device, group=128):
     """A packed asym weight with random codes (timing only: values do not matter)."""
     import torch
@@ -155,34 +138,12 @@ def _random_weight(n, k, device, group=128):
     return QuantizedWeight(qweight, scales, offsets, group, "asym")
 
 
-def _time_layer(backend, weights, x, lora, ids) -> tuple[float, str]:
-    """Median ms per call: a CUDA graph of one call per weight copy, replayed and timed."""
-    import torch
-
-    calls = max(len(weights), 8)
-
-    def run_all():
-        for i in range(calls):
-            backend.forward(x, weights[i % len(weights)], None, lora, ids)
-
-    run_all()  # warm-up: fills the adapter-metadata cache before capture
-    torch.cuda.synchronize()
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run_all()
-        times = _event_times(graph.replay, reps=10)
-        how = "graph"
-    except Exception as exc:  # capture can fail on some stacks: time eagerly and say so
-        times = _event_times(run_all, reps=10)
-        how = f"eager, launch overhead included ({type(exc).__name__})"
-    return statistics.median(times) / calls, how
-
-
 def timing_rows(backend, device, copy_gbps: float) -> list[dict]:
     import torch
 
     from lorart.backend.base import LoRAArgs
+
+    from .gpu import bench_ms
 
     dtype = torch.bfloat16
     rows = []
@@ -204,8 +165,11 @@ def timing_rows(backend, device, copy_gbps: float) -> list[dict]:
             for with_lora in (False, True):
                 name = f"decode{'+lora' if with_lora else ''}/asym-g128/bf16"
                 try:
-                    ms, how = _time_layer(backend, weights, x, lora if with_lora else None,
-                                          ids if with_lora else None)
+                    lo, i = (lora, ids) if with_lora else (None, None)
+                    def call(w, x=x, lo=lo, i=i):
+                        return backend.forward(x, w, None, lo, i)
+
+                    ms, how = bench_ms(call, weights, graph=True)
                 except Exception as exc:
                     rows.append(_row(name, f"{n}x{k}", m, m if with_lora else 0,
                                      note=f"{type(exc).__name__}: {exc}"))

@@ -36,9 +36,14 @@ def _import_installed_lorart() -> str | None:
     def has_c() -> bool:
         return importlib.util.find_spec("lorart._C") is not None
 
+    missing = ("lorart is not installed: the tests import the installed package (./lorart "
+               "has no compiled module). Run `make test`, or `pip install \".[test]\"` first.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lorart warns once when _C is missing
-        import lorart
+        try:
+            import lorart
+        except ImportError:
+            return missing
         if has_c():
             return None
         source_tree = Path(lorart.__file__).resolve().parent == REPO / "lorart"
@@ -50,9 +55,7 @@ def _import_installed_lorart() -> str | None:
         try:
             importlib.import_module("lorart")
         except ImportError:
-            return ("lorart is not installed: the tests import the installed package "
-                    "(./lorart has no compiled module). Run `make test`, or "
-                    "`pip install \".[test]\"` first.")
+            return missing
     return None
 
 

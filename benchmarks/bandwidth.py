@@ -11,6 +11,9 @@ import time
 
 import torch
 
+from lorart.bench.roofline import layer_bytes as roofline_layer_bytes
+from lorart.bench.roofline import q4_weight_bytes
+
 
 def measure_read_bandwidth(nbytes: int = 512 << 20, repeats: int = 7) -> dict:
     """``{"gbps": best, "torch_sum_gbps": ..., "stream_sum_gbps": ..., "bytes": nbytes}``."""
@@ -37,13 +40,10 @@ def measure_read_bandwidth(nbytes: int = 512 << 20, repeats: int = 7) -> dict:
 
 def layer_bytes(n: int, k: int, rows: int, rank: int, group_size: int, act_bytes: int,
                 scale_bytes: int = 2, offsets: bool = True) -> int:
-    """Bytes one fused 4-bit LoRA layer must move: packed weight + scales + offsets +
-    adapter (A [r, K], B [N, r]) + activations (x [M, K] in, y [M, N] out)."""
-    groups = n * (k // group_size)
-    weight = n * k // 2 + groups * scale_bytes * (2 if offsets else 1)
-    adapter = rank * (k + n) * act_bytes
-    activations = rows * (k + n) * act_bytes
-    return weight + adapter + activations
+    """Bytes one fused 4-bit LoRA layer must move (``lorart.bench.roofline``): packed weight
+    + scales + offsets + adapter (A [r, K], B [N, r]) + activations (x [M, K], y [M, N])."""
+    weight = q4_weight_bytes(n, k, group_size, scale_bytes, offsets)
+    return roofline_layer_bytes(rows, n, k, weight, [rank], act_bytes)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lorart.bench.cases import SHAPES
+from lorart.bench.roofline import layer_flops
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class CpuCase:
 
     @property
     def flops(self) -> int:
-        """Multiply-adds × 2 of base + shrink + expand."""
-        return 2 * self.rows * (self.n * self.k + self.rank * (self.k + self.n))
+        """Multiply-adds × 2 of base + shrink + expand (``lorart.bench.roofline``)."""
+        return layer_flops(self.rows, self.n, self.k, [(self.rows, self.rank)])
 
     def as_dict(self) -> dict:
         return asdict(self) | {"id": self.id}

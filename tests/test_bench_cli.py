@@ -229,3 +229,16 @@ def test_measure_flushes_before_every_sample_untimed():
     assert t.max < 0.005
     assert last_level_cache_bytes() > 0
     assert cache_flusher(torch.device("cpu"))() is not None
+
+
+def test_without_matplotlib_plots_are_skipped_in_one_line(tiny_run, tmp_path, capsys,
+                                                         monkeypatch):
+    from lorart.commands import bench
+
+    monkeypatch.setattr(bench, "plots_available", lambda: False)
+    _, out = tiny_run
+    status = main(["--report-only", str(out / "results.jsonl"), "--out", str(tmp_path)])
+    assert status == 0
+    err = capsys.readouterr().err.strip()
+    assert "matplotlib is not installed" in err and len(err.splitlines()) == 1, err
+    assert not list(tmp_path.glob("*.png")) and (tmp_path / "report.md").exists()

@@ -1,4 +1,5 @@
-"""``benchmarks/gpu_check.py``: its dry mode runs end to end, its case list and contracts hold.
+"""``benchmarks/gpu_check.py`` (``lorart.bench.gpu``): its dry mode runs end to end, its case
+list and contracts hold.
 
 The real run needs a CUDA GPU; these tests run the same script with ``--dry-run``
 (tiny shapes, CPU tensors, TRITON_INTERPRET=1, every timed callable run once, no times
@@ -13,14 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from lorart.bench import gpu as gpu_check
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import gpu_check  # noqa: E402
 
 
 def test_dry_run_end_to_end(tmp_path):
+    pytest.importorskip("triton", reason="the dry run runs the Triton kernels' interpreter")
     out = tmp_path / "rows.jsonl"
     proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--dry-run", "--out",
                            str(out)], capture_output=True, text=True, timeout=600)
@@ -33,8 +35,8 @@ def test_dry_run_end_to_end(tmp_path):
     assert kinds == {"decode", "decode_multi", "multi64", "prefill", "backward"}
     for r in rows:
         assert r["ok"], r
-        assert r["max_err"] <= gpu_check.TOLERANCE["bfloat16"]
-        assert r["baseline_err"] <= gpu_check.TOLERANCE["bfloat16"], r
+        assert r["max_err"] <= gpu_check.TOLERANCE_BF16
+        assert r["baseline_err"] <= gpu_check.TOLERANCE_BF16, r
         assert "time_ms" not in r  # a dry run claims no timing
     lines = proc.stdout.splitlines()
     header = max(i for i, line in enumerate(lines) if line.startswith("case "))
@@ -72,25 +74,35 @@ def test_target_verdicts():
     assert _verdict("backward", 1024, time_ms=1.0, peft_ms=1.6)["target_met"]
 
 
-def test_cuda_suite_contract(tmp_path):
-    path = tmp_path / "gpu_check_cuda.py"
-    assert gpu_check.cuda_rows(True, path) == []  # no file: no rows
-    path.write_text(
-        "def cuda_suite(dry):\n"
-        "    row = dict(name='bgmv', shape='4096x4096', rows=1, adapters=4, time_ms=None,\n"
-        "               gbps=None, tflops=None, max_err=1e-3, ok=True, note=f'dry={dry}')\n"
-        "    return [row, {'name': 'partial'}]\n")
-    full, partial = gpu_check.cuda_rows(True, path)
+def test_cuda_rows_contract():
+    def suite(dry):
+        row = dict(name="bgmv", shape="4096x4096", rows=1, adapters=4, time_ms=None,
+                   gbps=None, tflops=None, max_err=1e-3, ok=True, note=f"dry={dry}")
+        return [row, {"name": "partial"}]
+
+    full, partial = gpu_check.cuda_rows(True, suite)
     assert full["ok"] and full["note"] == "dry=True" and full["source"] == "cuda"
     assert not partial["ok"] and "lacks" in partial["note"]
-    path.write_text("def cuda_suite(dry):\n    raise RuntimeError('no nvcc')\n")
-    (row,) = gpu_check.cuda_rows(False, path)
+
+    def failing(dry):
+        raise RuntimeError("no nvcc")
+
+    (row,) = gpu_check.cuda_rows(False, failing)
     assert not row["ok"] and "no nvcc" in row["note"]
     gpu_check.print_table([full, partial, row], None)  # the table takes CUDA rows
+    if not torch.cuda.is_available():
+        assert gpu_check.cuda_rows(True) == []  # the real suite: no rows without a GPU
+
+
+def test_shapes_come_from_the_one_case_table():
+    from lorart.bench.cases import SHAPES
+
+    assert gpu_check.SHAPES["llama2-7b"] == [(4096, 4096), (11008, 4096), (4096, 11008)]
+    for shapes in gpu_check.SHAPES.values():
+        assert {(s.n, s.k) for s in SHAPES.values()} >= set(shapes)
 
 
 def test_refuses_a_real_run_without_a_gpu(capsys):
-    torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present; the real run is not a unit test")
     assert gpu_check.main([]) == 2
@@ -98,8 +110,6 @@ def test_refuses_a_real_run_without_a_gpu(capsys):
 
 
 def test_rotated_copies_are_independent_equal_weights():
-    import torch
-
     import lorart
 
     qw = lorart.quantize(torch.randn(8, 64), 32, "asym")
@@ -112,8 +122,6 @@ def test_rotated_copies_are_independent_equal_weights():
 
 
 def test_work_model_counts_the_packed_weight():
-    import torch
-
     import lorart
 
     case = gpu_check.Case("decode", 64, 128, 1, 8)

@@ -132,10 +132,9 @@ def _run_hf_peft(case: EndToEndCase, cfg, impl: str, kind: str) -> dict:
 
     def build():
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
 
         start = time.perf_counter()
-        base = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+        base = load_float_model(path)
         rec["model_load_s"] = time.perf_counter() - start
         config = LoraConfig(r=case.rank, lora_alpha=case.rank, target_modules="all-linear",
                             lora_dropout=0.0, init_lora_weights=False)
@@ -151,6 +150,13 @@ def _run_hf_peft(case: EndToEndCase, cfg, impl: str, kind: str) -> dict:
         return _train_step(model, case, params)
 
     return _timed(case, cfg, rec, build)
+
+
+def load_float_model(path):
+    """transformers' own load of a GGUF file: the weights dequantized to float32."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def _cleanup(model, names) -> None:

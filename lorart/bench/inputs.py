@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,19 +46,29 @@ def dequantize_like_torch(qweight: QuantizedWeight, dtype: torch.dtype) -> torch
     This is the "dequantize, then matmul" baseline's dequantization (unpack nibbles,
     scale and shift per group, all in the activation dtype), cheaper in memory than
     ``QuantizedWeight.dequantize`` (float32 via int64 codes), which is the reference.
+    A dense tensor is returned as it is. Nothing is copied to the device per call, so a
+    CUDA graph can capture it.
     """
+    if isinstance(qweight, torch.Tensor):
+        return qweight
     n, k = qweight.shape
     g = qweight.group_size
     q = qweight.qweight
-    codes = torch.stack((q & 15, q >> 4), dim=-1).view(n, k // g, g).to(dtype)
+    codes = torch.stack((q & 15, q >> 4), dim=-1).view(n, k // g, g)
     if qweight.scheme == "nf4":
-        codes = code_table("nf4", q.device).to(dtype)[codes.long()]
-    elif qweight.scheme == "sym":
-        codes = codes - 8
-    w = codes * qweight.scales.to(dtype).unsqueeze(-1)
+        values = _nf4_table(q.device, dtype)[codes.long()]
+    else:
+        values = codes.to(dtype) - (8 if qweight.scheme == "sym" else 0)
+    w = values * qweight.scales.to(dtype).unsqueeze(-1)
     if qweight.offsets is not None:
         w = w + qweight.offsets.to(dtype).unsqueeze(-1)
     return w.view(n, k)
+
+
+@functools.lru_cache
+def _nf4_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The 16 NF4 values on ``device`` in ``dtype``, made once per (device, dtype)."""
+    return code_table("nf4", device).to(dtype)
 
 
 @dataclass

@@ -21,7 +21,8 @@ from .timing import synchronizer
 
 # Sizes per mode: (bytes of the bandwidth tensor, matmul side, tries).
 CEILING_SIZES = {"tiny": (32 << 20, 512, 3), "quick": (256 << 20, 2048, 5),
-                 "full": (1 << 30, 4096, 7)}
+                 "full": (1 << 30, 4096, 7),
+                 "gpu": (1 << 30, 8192, 10)}  # the GPU check: an 8192³ bf16 matmul
 
 
 def cpu_model() -> str:

@@ -22,6 +22,7 @@ from .impls import BASE_ONLY, Impl, all_impls, forced_backend
 from .inputs import LayerInputs, make_inputs
 from .machine import context, measure_ceilings, peak_gflops
 from .timing import TooSlow, cache_flusher, measure
+from .tolerance import rel_err
 
 SCHEMA = "lorart.bench/1"
 # An implementation whose output differs from the first baseline's by more than this
@@ -114,11 +115,6 @@ def add_rates(rec: dict, nbytes: int, flops: int, ceilings: dict, dtype: str) ->
     rec["pct_roofline"] = 100 * roofline.roofline_seconds(nbytes, flops, bandwidth, peak) / sec
 
 
-def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.float(), ref.float()
-    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
 def _run_layer_case(case: LayerCase, impls: list[Impl], cfg: RunConfig, ceilings: dict,
                     bar, flush=None) -> list[dict]:
     try:
@@ -160,7 +156,7 @@ def _run_layer_case(case: LayerCase, impls: list[Impl], cfg: RunConfig, ceilings
             if reference is None:
                 reference = (impl.name, out)
             else:
-                err = _rel_error(out, reference[1])
+                err = rel_err(out, reference[1])
                 rec["check"] = {"against": reference[0], "max_rel_err": err,
                                 "ok": err <= MISMATCH_REL}
                 if err > MISMATCH_REL:

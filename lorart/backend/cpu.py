@@ -312,6 +312,8 @@ class CpuBackend(Backend):
                 return f"the quantized base is on {base.device}"
             if base.scales.dtype not in _SCALE_DTYPE_CODE:
                 return f"no C++ kernel for scale dtype {base.scales.dtype}"
+            if base.bits != 4:  # formats (#14): 8-bit kernels land in the next commit
+                return "no C++ kernel for the 8-bit layout yet"
         elif base.dtype != x.dtype:
             return f"dense base dtype {base.dtype} differs from x dtype {x.dtype}"
         if lora is not None and (lora.a.dtype != x.dtype or lora.b.dtype != x.dtype):

@@ -182,7 +182,8 @@ def test_int8_layout(group_size, scale_dtype, with_offsets):
     offsets = torch.randn(n, k // group_size).to(scale_dtype) if with_offsets else None
     qw = QuantizedWeight(codes, scales, offsets, group_size, "int8")
     assert qw.shape == (n, k) and qw.bits == 8
-    assert qw.nbytes() == n * k + (2 if with_offsets else 1) * scales.numel() * scales.element_size()
+    per_group = (2 if with_offsets else 1) * scales.element_size()
+    assert qw.nbytes() == n * k + per_group * scales.numel()
     torch.testing.assert_close(qw.dequantize(torch.float64), _dequant8_by_loops(qw),
                                rtol=1e-6, atol=1e-6)
     assert torch.equal(qw.rows(torch.tensor([3, 0])).dequantize(), qw.dequantize()[[3, 0]])

@@ -309,7 +309,8 @@ def quantize(
     largest magnitude (so ``m`` itself is exact). ``nf4``: ``scale = absmax``, nearest
     NF4 value. ``int8``: GGUF Q8_0's rule, ``scale = absmax / 127``, codes in -127..127,
     no offsets. NaN or infinite weights are refused (``ValueError``). Codes are chosen
-    against the *stored* (rounded) scales, so ``dequantize`` is the best reconstruction the stored scales allow.
+    against the *stored* (rounded) scales, so ``dequantize`` is the best reconstruction
+    the stored scales allow.
     """
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         raise TypeError(f"w must be a 2-D tensor [N, K], got {type(w).__name__} "

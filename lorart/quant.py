@@ -41,8 +41,9 @@ from pathlib import Path
 
 import torch
 
-SCHEMES = ("asym", "sym", "nf4", "int8")
-SCHEMES_4BIT = ("asym", "sym", "nf4")
+SCHEMES = ("asym", "sym", "nf4")  # the 4-bit schemes (kept as before for their users)
+SCHEMES_8BIT = ("int8",)
+ALL_SCHEMES = SCHEMES + SCHEMES_8BIT
 GROUP_SIZES = (32, 64, 128, 256)  # 4-bit
 GROUP_SIZES_8BIT = (16, 32, 64, 128, 256)
 SCALE_DTYPES = (torch.float16, torch.float32)
@@ -74,7 +75,7 @@ _FORMAT_VERSION = "1"
 def code_table(scheme: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """The value each 4-bit code stands for before scaling, ``[16]`` float32."""
     check_scheme(scheme)
-    if scheme not in SCHEMES_4BIT:
+    if scheme not in SCHEMES:
         raise ValueError(f"scheme {scheme!r} has no 16-entry code table (8-bit codes are "
                          f"their own values)")
     if scheme == "asym":
@@ -87,8 +88,8 @@ def code_table(scheme: str, device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 def check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if scheme not in ALL_SCHEMES:
+        raise ValueError(f"scheme must be one of {ALL_SCHEMES}, got {scheme!r}")
 
 
 def bits_of(scheme: str) -> int:

@@ -23,6 +23,7 @@ import torch
 from .. import _C
 from ..quant import QuantizedWeight
 from .base import Backend, Base, LoRAArgs
+from .cpu_int8 import int8_dequantize, int8_forward, is_int8
 
 __all__ = ["CpuBackend", "available_isas", "isa", "set_isa"]
 
@@ -312,8 +313,6 @@ class CpuBackend(Backend):
                 return f"the quantized base is on {base.device}"
             if base.scales.dtype not in _SCALE_DTYPE_CODE:
                 return f"no C++ kernel for scale dtype {base.scales.dtype}"
-            if base.bits != 4:  # formats (#14): 8-bit kernels land in the next commit
-                return "no C++ kernel for the 8-bit layout yet"
         elif base.dtype != x.dtype:
             return f"dense base dtype {base.dtype} differs from x dtype {x.dtype}"
         if lora is not None and (lora.a.dtype != x.dtype or lora.b.dtype != x.dtype):
@@ -321,6 +320,8 @@ class CpuBackend(Backend):
         return None
 
     def forward(self, x, base, bias, lora, adapter_ids, segments=None):
+        if is_int8(base):  # formats (#14): the 8-bit layout's own kernels (cpu_int8.py)
+            return int8_forward(x, base, bias, *_lora_parts(lora), adapter_ids)
         weight, scales, offsets, scheme, group_size = _base_parts(base)
         a, b, rank_offsets, lora_scales = _lora_parts(lora)
         # Eager calls skip the dispatcher (~10 us of a ~200 us decode step); traced calls
@@ -331,6 +332,8 @@ class CpuBackend(Backend):
             lora_scales, adapter_ids, DECODE_MAX_ROWS)
 
     def backward(self, dy, x, base, lora, adapter_ids, need_dx, need_dlora, segments=None):
+        if is_int8(base):  # formats (#14): dense backward on W dequantized in C++
+            base = int8_dequantize(base, x.dtype)
         weight, scales, offsets, scheme, group_size = _base_parts(base)
         a, b, rank_offsets, lora_scales = _lora_parts(lora)
         dx, da, db = torch.ops.lorart.cpu_lora_backward(

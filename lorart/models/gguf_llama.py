@@ -1,4 +1,4 @@
-"""Load a Llama-family GGUF (llama, Llama 3, mistral, qwen2) into a transformers model.
+"""Load a Llama-family GGUF (llama, Llama 3, Mistral, qwen2) into a transformers model.
 
 ``from_gguf`` reads the architecture from the file's metadata (``general.architecture``
 and its ``<arch>.*`` keys), builds the transformers model on the meta device (no random
@@ -6,9 +6,10 @@ init), then fills it with the file's own bytes:
 
 - Linear weights of a quantized type (Q4_0, Q4_1, Q4_K -> 4-bit; Q5_0, Q5_1, Q5_K, Q6_K,
   Q8_0 -> 8-bit) become ``LoRALinear`` layers holding a ``QuantizedWeight`` converted
-  exactly (``lorart.convert.gguf``); no float copy is made. llama/mistral q/k rows are
+  exactly (``lorart.convert.gguf``); no float copy is made. llama q/k rows are
   un-permuted like transformers' GGUF loader (qwen2 files are not permuted). q/k/v
-  biases (qwen2) become the layers' biases.
+  biases (qwen2) become the layers' biases. Mistral models are ``llama`` files (llama.cpp's
+  converter writes them so; ``gguf`` has no "mistral" architecture name).
 - A quantized ``token_embd`` becomes a ``QuantizedEmbedding`` (rows dequantized on
   lookup); a tied output layer (no ``output.weight``) reads the same packed matrix
   through the fused kernel (``TiedQuantizedLinear``), an untied quantized ``output`` is a
@@ -48,7 +49,6 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # general.architecture -> (transformers config class, model class, q/k rows permuted)
 ARCHITECTURES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", True),
-    "mistral": ("MistralConfig", "MistralForCausalLM", True),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", False),
 }
 

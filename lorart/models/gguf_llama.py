@@ -191,6 +191,7 @@ def from_gguf(path: str | Path | None = None, quantized: bool = True, progress: 
     if unused:
         raise ValueError(f"{path}: unexpected tensors {unused[:5]}")
     _rebuild_rotary(model, config, tensors.get("rope_freqs.weight"))
+    model.config._name_or_path = str(path)  # what save_adapter records as the base model
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

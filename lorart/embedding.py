@@ -45,6 +45,28 @@ class QuantizedEmbedding(nn.Module):
         return QuantizedWeight(self.qweight, self.scales, self.offsets, self.group_size,
                                self.scheme)
 
+    def __getattr__(self, name: str):
+        if name == "weight":  # say why, rather than nn.Module's bare "no attribute"
+            raise AttributeError(
+                "QuantizedEmbedding keeps its table packed and has no float .weight: use "
+                ".base (the QuantizedWeight), .dtype (the output dtype) or .qweight.device")
+        return super().__getattr__(name)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``/``.cuda()``/``.bfloat16()``: the packed scales and offsets move but keep
+        their dtype (casting fp16 scales to bf16 would round them and break the layout);
+        a float cast changes the output ``dtype`` instead."""
+        packed = {n: self._buffers.pop(n) for n in ("scales", "offsets")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in packed.items():
+                self._buffers[name] = None if t is None else t.to(self.qweight.device)
+        probe = fn(torch.zeros((), dtype=self.dtype))
+        if probe.is_floating_point():
+            self.dtype = probe.dtype
+        return self
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[..., D]`` rows of the dequantized table for ``input_ids [...]`` (int)."""
         if input_ids.dtype not in (torch.int32, torch.int64):
@@ -73,9 +95,14 @@ class TiedQuantizedLinear(nn.Module):
         self.out_features = embedding.num_embeddings
         self.__dict__["embedding"] = embedding  # not a submodule: state is the embedding's
 
+    @property
+    def base(self) -> QuantizedWeight:
+        """The shared packed matrix ``[V, D]`` (the embedding's)."""
+        return self.embedding.base
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., V]`` logits for ``x [..., D]``, in x's dtype."""
-        return lora_linear(x, self.embedding.base, None, None)
+        return lora_linear(x, self.base, None, None)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -165,14 +165,16 @@ def _weight(tensor, quantized: bool, perm: torch.Tensor | None) -> torch.Tensor 
 
 
 def from_gguf(path: str | Path | None = None, quantized: bool = True, progress: bool = False,
-              tokenizer: bool = True):
+              tokenizer: bool = True, quantized_embedding: bool = True):
     """``(model, tokenizer)`` for a Llama-family GGUF (default: SmolLM2-135M-Instruct Q4_1).
 
     The model is the transformers ``*ForCausalLM`` of the file's architecture (eval mode,
     float32 activations) with the quantized tensors kept packed (see the module doc). It
     is already patched: ``lorart.load_adapter``, ``adapter_names=`` and ``generate`` work
     on it. The tokenizer is built by transformers from the GGUF's embedded vocabulary
-    (``tokenizer=False`` skips it and returns ``None``).
+    (``tokenizer=False`` skips it and returns ``None``). ``quantized_embedding=False``
+    dequantizes the embedding (and a tied output layer) to float32 ``nn.Embedding`` /
+    ``nn.Linear`` weights, as before issue #14 (for code that needs ``.weight``).
     """
     import gguf
     import transformers
@@ -184,7 +186,8 @@ def from_gguf(path: str | Path | None = None, quantized: bool = True, progress: 
     with torch.device("meta"):
         model = getattr(transformers, ARCHITECTURES[arch][1])(config)
     tensors = {t.name: t for t in reader.tensors}
-    loaded = _fill(model, config, tensors, arch, quantized, progress, path)
+    loaded = _fill(model, config, tensors, arch, quantized, progress, path,
+                   quantized and quantized_embedding)
     if "rope_freqs.weight" in tensors:
         loaded.add("rope_freqs.weight")
     unused = sorted(set(tensors) - loaded)
@@ -201,7 +204,7 @@ def from_gguf(path: str | Path | None = None, quantized: bool = True, progress: 
 
 
 def _fill(model: nn.Module, config, tensors: dict, arch: str, quantized: bool, progress: bool,
-          path: Path) -> set[str]:
+          path: Path, quantized_embedding: bool) -> set[str]:
     """Put every tensor into ``model``; returns the GGUF names used."""
     registry = AdapterRegistry()
     dense: dict[str, torch.Tensor] = {}
@@ -242,7 +245,7 @@ def _fill(model: nn.Module, config, tensors: dict, arch: str, quantized: bool, p
             setattr(model.get_submodule(parent), attr, layer)
     dense["model.norm.weight"] = _dense(_require(tensors, "output_norm.weight", path))
     used |= {"output_norm.weight", "token_embd.weight"}
-    embd = _weight(_require(tensors, "token_embd.weight", path), quantized, None)
+    embd = _weight(_require(tensors, "token_embd.weight", path), quantized_embedding, None)
     if isinstance(embd, QuantizedWeight):
         model.model.embed_tokens = QuantizedEmbedding(embd, config.pad_token_id)
     else:

@@ -7,7 +7,9 @@ staying at ~1.06 bytes a value. ``TiedQuantizedLinear`` is a model's tied output
 ``logits [..., V] = h [..., D] Wᵀ`` over the *same* buffers, through lorart's fused kernel
 (``lora_linear``), so the matrix is held once and read packed at every decode step.
 
-Neither is a ``LoRALinear``: adapters are not added to them by ``lorart.add_adapter``.
+``QuantizedLinear`` is an untied output layer with its own packed matrix. None of them
+is a ``LoRALinear``: ``lorart.add_adapter`` does not add adapters to them (PEFT's
+"all-linear" leaves the output layer alone too).
 """
 
 from __future__ import annotations
@@ -107,3 +109,41 @@ class TiedQuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"tied to the quantized embedding")
+
+
+class QuantizedLinear(nn.Module):
+    """A bias-free linear layer ``y [..., N] = x [..., K] Wᵀ`` over its own packed
+    ``QuantizedWeight`` (an untied GGUF ``output.weight``), through ``lora_linear``."""
+
+    def __init__(self, base: QuantizedWeight) -> None:
+        super().__init__()
+        if not isinstance(base, QuantizedWeight):
+            raise TypeError(f"base must be a QuantizedWeight, got {type(base).__name__}")
+        self.out_features, self.in_features = base.shape
+        self.register_buffer("qweight", base.qweight)
+        self.register_buffer("scales", base.scales)
+        self.register_buffer("offsets", base.offsets)
+        self.group_size, self.scheme = base.group_size, base.scheme
+
+    @property
+    def base(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, self.offsets, self.group_size,
+                               self.scheme)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Float casts leave the packed scales/offsets' dtype alone (see QuantizedEmbedding)."""
+        packed = {n: self._buffers.pop(n) for n in ("scales", "offsets")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in packed.items():
+                self._buffers[name] = None if t is None else t.to(self.qweight.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., N]`` for ``x [..., K]``, in x's dtype."""
+        return lora_linear(x, self.base, None, None)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"base={self.base!r}")

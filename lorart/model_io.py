@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .embedding import QuantizedEmbedding, TiedQuantizedLinear
+from .embedding import QuantizedEmbedding, QuantizedLinear, TiedQuantizedLinear
 from .layers import AdapterRegistry, BaseLinear, LoRALinear
 from .patch import ensure_patch_state, get_submodule_parent
 from .quant import QuantizedWeight
@@ -54,6 +54,8 @@ def _modules_meta(model: nn.Module) -> tuple[dict, list[str]]:
         elif isinstance(m, QuantizedEmbedding):
             meta[path] = {"kind": "quantized_embedding", "quant": _layout(m.base),
                           "padding_idx": m.padding_idx}
+        elif isinstance(m, QuantizedLinear):
+            meta[path] = {"kind": "quantized_linear", "quant": _layout(m.base)}
         elif isinstance(m, TiedQuantizedLinear):
             embed = next(p for p, e in model.named_modules() if e is m.embedding)
             meta[path] = {"kind": "tied_quantized_linear", "embedding": embed}
@@ -137,6 +139,8 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     for mod_path, desc in modules.items():
         if desc["kind"] == "lora_linear":
             _set(model, mod_path, _lora_linear(tensors, mod_path, desc, registry, used))
+        elif desc["kind"] == "quantized_linear":
+            _set(model, mod_path, QuantizedLinear(_packed(tensors, mod_path, desc, used)))
         elif desc["kind"] == "tied_quantized_linear":
             _set(model, mod_path, TiedQuantizedLinear(model.get_submodule(desc["embedding"])))
     _load_rest(model, config, tensors, used, file)

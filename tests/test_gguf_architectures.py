@@ -17,7 +17,7 @@ from conftest import assert_close
 
 import lorart
 from lorart import LoRALinear
-from lorart.embedding import QuantizedEmbedding, TiedQuantizedLinear
+from lorart.embedding import QuantizedEmbedding, QuantizedLinear, TiedQuantizedLinear
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -155,7 +155,9 @@ def _compare(path, arch: str, tied: bool, types) -> None:
     emb = ours.model.embed_tokens
     assert isinstance(emb, QuantizedEmbedding)
     assert torch.equal(emb.base.dequantize(), theirs.model.embed_tokens.weight)
-    assert isinstance(ours.lm_head, TiedQuantizedLinear if tied else LoRALinear)
+    assert isinstance(ours.lm_head, TiedQuantizedLinear if tied else QuantizedLinear)
+    if not tied:
+        assert torch.equal(ours.lm_head.base.dequantize(), theirs.lm_head.weight)
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         mine, ref = ours(ids).logits, theirs(ids).logits

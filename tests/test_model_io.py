@@ -51,19 +51,24 @@ def test_save_load_roundtrip_exact(tmp_path, quantize, group):
     assert torch.equal(_logits(model), _logits(back))
 
 
-def test_save_load_8bit_and_gguf_layers(tmp_path):
-    """The 8-bit layout (with offsets) and from_gguf's modules (quantized embedding, tied
-    output, rope) round-trip, on a GGUF file written like test_gguf_architectures."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_load_8bit_and_gguf_layers(tmp_path, tied):
+    """The 8-bit layout (with offsets) and from_gguf's modules (quantized embedding, tied or
+    own output matrix, rope) round-trip, on a GGUF file written like test_gguf_architectures."""
     from test_gguf_architectures import TYPES, _hf_model, write_gguf
 
     path = tmp_path / "q.gguf"
-    write_gguf(path, _hf_model("qwen2", tied=True), "qwen2", TYPES)
+    write_gguf(path, _hf_model("qwen2", tied=tied), "qwen2", TYPES)
     model, _ = lorart.from_gguf(path, tokenizer=False)
     lorart.add_adapter(model, "x", r=3, init_lora_weights=False)
     lorart.save_model(model, tmp_path / "m")
     back = lorart.load_model(tmp_path / "m")
     assert type(back.model.embed_tokens) is type(model.model.embed_tokens)
-    assert back.lm_head.embedding is back.model.embed_tokens
+    assert type(back.lm_head) is type(model.lm_head)
+    if tied:
+        assert back.lm_head.embedding is back.model.embed_tokens
+    else:
+        assert torch.equal(back.lm_head.qweight, model.lm_head.qweight)
     schemes = {m.scheme for m in back.modules() if isinstance(m, LoRALinear)}
     assert schemes == {"int8", "asym", "sym"}
     with torch.no_grad():

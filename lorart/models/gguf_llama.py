@@ -13,7 +13,8 @@ init), then fills it with the file's own bytes:
 - A quantized ``token_embd`` becomes a ``QuantizedEmbedding`` (rows dequantized on
   lookup); a tied output layer (no ``output.weight``) reads the same packed matrix
   through the fused kernel (``TiedQuantizedLinear``), an untied quantized ``output`` is a
-  ``LoRALinear`` with a quantized base. So the model holds about its GGUF's bytes.
+  ``QuantizedLinear`` (neither gets adapters from ``add_adapter``, as in PEFT). So the
+  model holds about its GGUF's bytes.
 - Norms and float (F32/F16/BF16) tensors are float32, dequantized with ``gguf``'s own
   dequantizer as transformers does.
 - Llama 3 rope scaling: llama.cpp stores it as ``rope_freqs.weight`` (one divisor per
@@ -39,7 +40,7 @@ from ..convert.gguf import (
     gguf_row_permutation,
     permute_rows,
 )
-from ..embedding import QuantizedEmbedding, TiedQuantizedLinear
+from ..embedding import QuantizedEmbedding, QuantizedLinear, TiedQuantizedLinear
 from ..layers import AdapterRegistry, BaseLinear, LoRALinear
 from ..patch import ensure_patch_state
 from ..quant import QuantizedWeight
@@ -254,7 +255,7 @@ def _fill(model: nn.Module, config, tensors: dict, arch: str, quantized: bool, p
         used.add("output.weight")
         head = _weight(tensors["output.weight"], quantized, None)
         if isinstance(head, QuantizedWeight):
-            model.lm_head = LoRALinear(head.shape[1], head.shape[0], head, None, registry)
+            model.lm_head = QuantizedLinear(head)
         else:
             dense["lm_head.weight"] = head
     result = model.load_state_dict(dense, strict=False, assign=True)
@@ -277,7 +278,8 @@ def _filled_elsewhere(model: nn.Module, key: str) -> bool:
     if key == "lm_head.weight":
         return True  # tied, or a quantized LoRALinear (set below / above)
     parent = key.rpartition(".")[0]
-    return isinstance(model.get_submodule(parent), (LoRALinear, QuantizedEmbedding))
+    return isinstance(model.get_submodule(parent),
+                      (LoRALinear, QuantizedEmbedding, QuantizedLinear))
 
 
 def _set_output_layer(model: nn.Module, config, quantized: bool) -> None:

@@ -24,6 +24,7 @@ import torch
 from .. import _C
 from ..quant import QuantizedWeight
 from .base import Backend, Base, LoRAArgs, ids_of, weight_args
+from .cpu_int8 import int8_dequantize, int8_forward, is_int8
 
 __all__ = ["CpuBackend", "available_isas", "isa", "set_isa"]
 
@@ -320,6 +321,8 @@ class CpuBackend(Backend):
         return None
 
     def forward(self, x, base, bias, lora, batch=None):
+        if is_int8(base):  # the 8-bit layout's own kernels (cpu_int8.py)
+            return int8_forward(x, base, bias, *_lora_parts(lora), ids_of(batch))
         w = weight_args(base)
         a, b, rank_offsets, lora_scales = _lora_parts(lora)
         # Eager calls skip the dispatcher (~10 us of a ~200 us decode step); traced calls
@@ -329,6 +332,8 @@ class CpuBackend(Backend):
                   rank_offsets, lora_scales, ids_of(batch), DECODE_MAX_ROWS)
 
     def backward(self, dy, x, base, lora, batch, need_dx, need_dlora):
+        if is_int8(base):  # dense backward on W dequantized in C++
+            base = int8_dequantize(base, x.dtype)
         w = weight_args(base)
         a, b, rank_offsets, lora_scales = _lora_parts(lora)
         dx, da, db = torch.ops.lorart.cpu_lora_backward(

@@ -15,6 +15,7 @@ from conftest import assert_close
 import lorart
 from lorart import reference
 from lorart.backend import LoRAArgs
+from lorart.backend.base import buffer
 from lorart.quant import GROUP_SIZES_8BIT, QuantizedWeight
 
 cpu = pytest.importorskip("lorart.backend.cpu", reason="lorart._C not built")
@@ -162,6 +163,12 @@ def test_custom_op_opcheck_and_compile():
 
 def test_boundary_rejects_bad_layouts():
     qw = _int8_weight(4, 48, 16)
+    x, y = torch.zeros(1, 48), torch.zeros(1, 4)
     with pytest.raises(ValueError, match="group_size"):
-        lorart._C.cpu_int8_forward(1, 0, 0, 48, 4, 48, qw.qweight.data_ptr(), qw.scales.data_ptr(),
-                                   0, 2, 24, 0, 0, 0, 0, [0], [], 0, 0, 4, 4)
+        lorart._C.cpu_int8_forward(1, 0, buffer(x), 48, 4, 48, buffer(qw.qweight),
+                                   buffer(qw.scales), (0, 0), 2, 24, (0, 0), (0, 0), (0, 0), 0,
+                                   [0], [], (0, 0), buffer(y), 4, 4)
+    with pytest.raises(ValueError, match="codes"):  # a buffer shorter than its shape says
+        lorart._C.cpu_int8_forward(1, 0, buffer(x), 48, 4, 48, buffer(qw.qweight[:2].clone()),
+                                   buffer(qw.scales), (0, 0), 2, 16, (0, 0), (0, 0), (0, 0), 0,
+                                   [0], [], (0, 0), buffer(y), 4, 4)

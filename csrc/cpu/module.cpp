@@ -292,9 +292,9 @@ const lorart::cpu::Int8KernelTable* int8_table() {
 }
 
 // W [N, K] int8 codes with scales/offsets [N, K/g] (scale dtype 0 fp32, 2 fp16).
-lorart::cpu::Int8WeightArgs int8_weight_args(int64_t n, int64_t k, uintptr_t codes,
-                                             uintptr_t scales, uintptr_t offsets, int scale_dtype,
-                                             int group_size) {
+lorart::cpu::Int8WeightArgs int8_weight_args(int64_t n, int64_t k, const Buffer& codes,
+                                             const Buffer& scales, const Buffer& offsets,
+                                             int scale_dtype, int group_size) {
   if (n < 0 || k < 0) throw std::invalid_argument("int8 weight: N and K must be >= 0");
   if (group_size != 16 && group_size != 32 && group_size != 64 && group_size != 128 &&
       group_size != 256)
@@ -302,52 +302,53 @@ lorart::cpu::Int8WeightArgs int8_weight_args(int64_t n, int64_t k, uintptr_t cod
   if (k % group_size != 0) throw std::invalid_argument("int8 weight: K % group_size != 0");
   if (scale_dtype != 0 && scale_dtype != 2)
     throw std::invalid_argument("int8 weight: scale dtype code must be 0 (fp32) or 2 (fp16)");
-  if (codes == 0 || scales == 0)
-    throw std::invalid_argument("int8 weight: codes and scales are required");
+  const int64_t groups = n * (k / group_size);
   lorart::cpu::Int8WeightArgs w;
   w.n = n;
   w.k = k;
-  w.q = ptr<int8_t>(codes);
-  w.scales = ptr<void>(scales);
-  w.offsets = offsets ? ptr<void>(offsets) : nullptr;
+  w.q = ptr<int8_t>(checked(codes, n * k, "codes [N, K]"));
+  w.scales = ptr<void>(checked(scales, groups, "scales [N, K/group]"));
+  w.offsets = ptr<void>(checked(offsets, groups, "offsets [N, K/group]", true));
   w.scale_dtype = static_cast<DType>(scale_dtype);
   w.group_size = group_size;
   return w;
 }
 
 // y [M, N] = x [M, K] Wᵀ + bias + LoRA for an int8 W.
-void int8_forward(int64_t m, int dtype, uintptr_t x, int64_t ldx, int64_t n, int64_t k,
-                  uintptr_t codes, uintptr_t scales, uintptr_t offsets, int scale_dtype,
-                  int group_size, uintptr_t bias, uintptr_t a, uintptr_t b, int64_t total_rank,
-                  const std::vector<int64_t>& rank_offsets, const std::vector<float>& lora_scales,
-                  uintptr_t ids, uintptr_t y, int64_t ldy, int64_t decode_max_rows) {
-  lorart::cpu::Int8ForwardArgs args;
+void int8_forward(int64_t m, int dtype, const Buffer& x, int64_t ldx, int64_t n, int64_t k,
+                  const Buffer& codes, const Buffer& scales, const Buffer& offsets, int scale_dtype,
+                  int group_size, const Buffer& bias, const Buffer& a, const Buffer& b,
+                  int64_t total_rank, const std::vector<int64_t>& rank_offsets,
+                  const std::vector<float>& lora_scales, const Buffer& ids, const Buffer& y,
+                  int64_t ldy, int64_t decode_max_rows) {
   if (m < 0) throw std::invalid_argument("int8_forward: M must be >= 0");
+  lorart::cpu::Int8ForwardArgs args;
   args.m = m;
   args.dtype = dtype_of(dtype, "x");
-  args.x = ptr<void>(x);
+  args.x = ptr<void>(checked(x, span(m, k, ldx), "x [M, K]"));
   args.ldx = ldx;
-  args.bias = bias ? ptr<void>(bias) : nullptr;
-  args.y = reinterpret_cast<void*>(y);
+  args.bias = ptr<void>(checked(bias, n, "bias [N]", true));
+  args.y = reinterpret_cast<void*>(checked(y, span(m, n, ldy), "y [M, N]"));
   args.ldy = ldy;
   args.w = int8_weight_args(n, k, codes, scales, offsets, scale_dtype, group_size);
-  args.lora = adapter_args(a, b, total_rank, rank_offsets, lora_scales, ids);
+  args.lora = adapter_args(m, n, k, a, b, total_rank, rank_offsets, lora_scales, ids);
   const lorart::cpu::Int8KernelTable* table = int8_table();
   py::gil_scoped_release release;
   table->forward(args, decode_max_rows);
 }
 
 // out [n1 - n0, K] (dtype 0 fp32, 1 bf16) = rows n0..n1 of an int8 W, dequantized.
-void int8_dequantize(int64_t n, int64_t k, uintptr_t codes, uintptr_t scales, uintptr_t offsets,
-                     int scale_dtype, int group_size, int64_t n0, int64_t n1, uintptr_t out,
-                     int dtype) {
+void int8_dequantize(int64_t n, int64_t k, const Buffer& codes, const Buffer& scales,
+                     const Buffer& offsets, int scale_dtype, int group_size, int64_t n0, int64_t n1,
+                     const Buffer& out, int dtype) {
   const lorart::cpu::Int8WeightArgs w =
       int8_weight_args(n, k, codes, scales, offsets, scale_dtype, group_size);
   if (n0 < 0 || n1 > n || n0 > n1) throw std::invalid_argument("int8_dequantize: bad row range");
   const DType dt = dtype_of(dtype, "out");
+  void* dst = reinterpret_cast<void*>(checked(out, (n1 - n0) * k, "out [n1 - n0, K]"));
   const lorart::cpu::Int8KernelTable* table = int8_table();
   py::gil_scoped_release release;
-  table->dequantize(w, n0, n1, dt, reinterpret_cast<void*>(out));
+  table->dequantize(w, n0, n1, dt, dst);
 }
 // ---- end formats (#14) ------------------------------------------------------------------
 
@@ -382,6 +383,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("stream_sum", &stream_sum, py::arg("data"), py::arg("count"),
         "Bandwidth probe: sum of count float32 at data");
   m.def("max_threads", &max_threads, "OpenMP threads the kernels use");
-  m.def("cpu_int8_forward", &int8_forward, "8-bit W: fused base + LoRA forward");
-  m.def("cpu_int8_dequantize", &int8_dequantize, "Rows of an 8-bit W, dequantized");
+  m.def("cpu_int8_forward", &int8_forward, py::arg("m"), py::arg("dtype"), py::arg("x"),
+        py::arg("ldx"), py::arg("n"), py::arg("k"), py::arg("codes"), py::arg("scales"),
+        py::arg("offsets"), py::arg("scale_dtype"), py::arg("group_size"), py::arg("bias"),
+        py::arg("a"), py::arg("b"), py::arg("total_rank"), py::arg("rank_offsets"),
+        py::arg("lora_scales"), py::arg("adapter_ids"), py::arg("y"), py::arg("ldy"),
+        py::arg("decode_max_rows"), "8-bit W: fused base + LoRA forward");
+  m.def("cpu_int8_dequantize", &int8_dequantize, py::arg("n"), py::arg("k"), py::arg("codes"),
+        py::arg("scales"), py::arg("offsets"), py::arg("scale_dtype"), py::arg("group_size"),
+        py::arg("n0"), py::arg("n1"), py::arg("out"), py::arg("dtype"),
+        "Rows of an 8-bit W, dequantized");
 }

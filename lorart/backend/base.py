@@ -137,6 +137,14 @@ def weight_args(base: Base) -> WeightArgs:
     return args
 
 
+def buffer(t: torch.Tensor | None) -> tuple[int, int]:
+    """A tensor as the C++ bindings take it: ``(data pointer, elements from it to the end of
+    its storage)``, so the C++ side can check the shapes fit; ``(0, 0)``: absent."""
+    if t is None:
+        return 0, 0
+    return t.data_ptr(), t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+
+
 class Backend:
     """A set of kernels for the fused LoRA linear op. Subclasses override the methods."""
 

@@ -24,6 +24,7 @@ import torch
 from .. import _C
 from ..quant import QuantizedWeight
 from .base import Backend, Base, LoRAArgs, ids_of, weight_args
+from .base import buffer as _buf
 from .cpu_int8 import int8_dequantize, int8_forward, is_int8
 
 __all__ = ["CpuBackend", "available_isas", "isa", "set_isa"]
@@ -88,12 +89,6 @@ def available_isas() -> list[str]:
     """Instruction sets this build and CPU support, best first."""
     return list(_ISA["available"])
 
-
-def _buf(t: torch.Tensor | None) -> tuple[int, int]:
-    """``(data pointer, elements from it to the end of its storage)``; ``(0, 0)``: absent."""
-    if t is None:
-        return 0, 0
-    return t.data_ptr(), t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

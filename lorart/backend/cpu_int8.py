@@ -19,6 +19,7 @@ import torch
 
 from .. import _C
 from ..quant import QuantizedWeight
+from .base import buffer
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 _SCALE_DTYPE_CODE = {torch.float32: 0, torch.float16: 2}
@@ -40,13 +41,9 @@ def is_int8(base) -> bool:
     return isinstance(base, QuantizedWeight) and base.scheme == "int8"
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _weight_args(codes, scales, offsets, group_size) -> list:
     """``[n, k, codes, scales, offsets, scale_dtype, group_size]`` for ``_C``."""
-    return [codes.shape[0], codes.shape[1], _ptr(codes), _ptr(scales), _ptr(offsets),
+    return [codes.shape[0], codes.shape[1], buffer(codes), buffer(scales), buffer(offsets),
             _SCALE_DTYPE_CODE[scales.dtype], group_size]
 
 
@@ -64,10 +61,10 @@ def _forward_impl(x, codes, scales, offsets, group_size, bias, a, b, rank_offset
     codes, scales, offsets = codes.contiguous(), scales.contiguous(), _contig(offsets)
     bias, a, b = _contig(bias), _contig(a), _contig(b)
     ids = None if adapter_ids is None else adapter_ids.to(torch.int32).contiguous()
-    _C.cpu_int8_forward(m, _DTYPE_CODE[x.dtype], _ptr(x), x.shape[1],
+    _C.cpu_int8_forward(m, _DTYPE_CODE[x.dtype], buffer(x), x.shape[1],
                         *_weight_args(codes, scales, offsets, group_size),
-                        _ptr(bias), _ptr(a), _ptr(b), 0 if b is None else b.shape[1],
-                        rank_offsets, lora_scales, _ptr(ids), _ptr(y), n, decode_max_rows)
+                        buffer(bias), buffer(a), buffer(b), 0 if b is None else b.shape[1],
+                        rank_offsets, lora_scales, buffer(ids), buffer(y), n, decode_max_rows)
     return y
 
 
@@ -114,5 +111,5 @@ def int8_dequantize(base: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     n, k = codes.shape
     out = torch.empty((n, k), dtype=dtype)
     _C.cpu_int8_dequantize(*_weight_args(codes, scales, offsets, base.group_size), 0, n,
-                           out.data_ptr(), _DTYPE_CODE[dtype])
+                           buffer(out), _DTYPE_CODE[dtype])
     return out

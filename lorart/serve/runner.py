@@ -31,7 +31,7 @@ from ..layers import LoRALinear
 from ..ops import lora_linear, multi_lora_linear
 from .kv_cache import PagedKVCache
 
-_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
@@ -108,8 +108,8 @@ class ModelRunner:
         self.head_dim = getattr(attn, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
         self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
         # [(layer index, {proj name: module})] resolved once, not per step
-        self.proj = [{p: layer.get_submodule(p) for p in _PROJ} for layer in self.layers]
-        self.proj_paths = [{p: f"model.layers.{i}.{p}" for p in _PROJ}
+        self.proj = [{p: layer.get_submodule(p) for p in PROJECTIONS} for layer in self.layers]
+        self.proj_paths = [{p: f"model.layers.{i}.{p}" for p in PROJECTIONS}
                            for i in range(len(self.layers))]
         self.dtype = inner.embed_tokens.weight.dtype
 

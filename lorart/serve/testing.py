@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+from .runner import PROJECTIONS as _PROJ
 
 
 def tiny_llama(seed: int = 0, vocab: int = 96, hidden: int = 64, layers: int = 2,

@@ -152,6 +152,8 @@ class AdapterPool:
                 self._pending.append(ref)
             else:
                 self._bind(ref)
+                if ref.error is not None:
+                    raise ref.error
         return ref
 
     def release(self, ref: AdapterRef) -> None:

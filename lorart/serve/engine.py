@@ -327,12 +327,15 @@ class Engine:
             self.step()  # retire what is queued (as cancelled)
         self.pool.shutdown()
 
-    def run_until_idle(self, max_steps: int = 100_000) -> int:
-        """Step (without the thread) until no request is left; returns steps run."""
-        n = 0
-        while self._live and n < max_steps:
+    def run_until_idle(self, timeout: float = 120.0) -> int:
+        """Step (without the thread) until no request is left; returns steps run.
+        ``TimeoutError`` if requests are still live after ``timeout`` seconds."""
+        n, deadline = 0, time.monotonic() + timeout
+        while self._live:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self._live)} requests still live after {timeout} s")
             if not self.step():
-                time.sleep(0.005)  # waiting for an adapter load
+                time.sleep(0.002)  # waiting for an adapter load
             n += 1
         return n
 
@@ -341,9 +344,9 @@ class Engine:
         with self._step_lock:
             t0 = time.perf_counter()
             self._admit_and_cancel()
-            for ref_failed in self.pool.poll():
-                for req in [r for r in self.scheduler.waiting if r.adapter is ref_failed]:
-                    self._finish(req, "error", ref_failed.error)
+            self.pool.poll()
+            for req in [r for r in self.scheduler.waiting if r.adapter.error is not None]:
+                self._finish(req, "error", req.adapter.error)
             sched = self.scheduler.schedule()
             self._preemptions += len(sched.preempted)
             for req in sched.too_long:

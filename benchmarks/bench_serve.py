@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--popularity", default="uniform,zipf")
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--rate", type=float, default=16.0, help="arrivals per second (Poisson)")
+    ap.add_argument("--prompt-len", default="16,64", help="min,max prompt tokens (uniform)")
+    ap.add_argument("--output-len", default="16,48", help="min,max output tokens (uniform)")
     ap.add_argument("--max-loras", type=int, default=16)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--baselines-at", default="64", help="adapter counts to run baselines at")
@@ -51,10 +53,13 @@ def main(argv=None) -> int:
                "machine": platform.machine(), "cpus": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "load_avg": os.getloadavg()[0], "requests": args.requests, "rate": args.rate,
-               "max_loras": args.max_loras, "seed": args.seed}
+               "max_loras": args.max_loras, "seed": args.seed, "prompt_len": args.prompt_len,
+               "output_len": args.output_len}
     model, tokenizer = lorart.from_gguf()
     vocab = model.config.vocab_size
-    specs = [bs.TrafficSpec(int(n), pop, args.requests, args.rate, seed=args.seed)
+    plen = tuple(int(v) for v in args.prompt_len.split(","))
+    olen = tuple(int(v) for v in args.output_len.split(","))
+    specs = [bs.TrafficSpec(int(n), pop, args.requests, args.rate, plen, olen, seed=args.seed)
              for n in args.adapters.split(",") for pop in args.popularity.split(",")
              if not (int(n) == 1 and pop == "zipf")]
     traffic = {s.name: bs.make_traffic(s, vocab) for s in specs}
@@ -65,6 +70,8 @@ def main(argv=None) -> int:
         rec = {"system": system, "case": spec.name, "adapters": spec.num_adapters,
                "popularity": spec.popularity, **res, "context": context}
         records.append(rec)
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                           for k, v in rec.items() if k != "context"}), flush=True)
 
@@ -99,9 +106,6 @@ def main(argv=None) -> int:
                 del peft_model
             print(f"baselines took {time.perf_counter() - t0:.0f} s", flush=True)
 
-    with open(out / "results.jsonl", "a") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
     write_report(records, out)
     return 0
 

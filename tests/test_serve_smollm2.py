@@ -63,9 +63,9 @@ def test_32_requests_8_adapters_equal_generate_alone(smollm2):
         want = generate_alone(model, tokenizer, ids, adapter, n)
         assert got.token_ids == want, (adapter, tokenizer.decode(ids))
         assert got.text == tokenizer.decode(want, skip_special_tokens=True)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}],
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[1]}],
                                          add_generation_prompt=True, tokenize=False)
-    assert tokenizer.decode(requests[8][0]) == chat  # messages went through the template
+    assert tokenizer.decode(requests[1][0]) == chat  # request 1 came as chat messages
     m = engine.metrics()
     assert m.adapter_refs == 0 and m.kv_blocks_used == 0 and m.adapter_evictions_total > 0
 

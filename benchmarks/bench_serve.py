@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--baselines-at", default="64", help="adapter counts to run baselines at")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--no-engine", action="store_true", help="baselines only")
     ap.add_argument("--adapter-dir", default=None, help="reuse generated adapters here")
     ap.add_argument("--out", default="benchmarks/results/serve")
     ap.add_argument("--seed", type=int, default=0)
@@ -66,6 +67,12 @@ def main(argv=None) -> int:
     bs.ensure_adapters(model, root, {r.adapter for t in traffic.values() for r in t})
     records = []
 
+    def attempt(system, spec, fn, *a):
+        try:
+            record(system, spec, fn(*a))
+        except Exception as exc:  # a baseline that fails is reported, not fatal
+            print(f"{system} at {spec.name} failed: {type(exc).__name__}: {exc}", flush=True)
+
     def record(system, spec, res):
         rec = {"system": system, "case": spec.name, "adapters": spec.num_adapters,
                "popularity": spec.popularity, **res, "context": context}
@@ -85,8 +92,9 @@ def main(argv=None) -> int:
     warm = bs.make_traffic(bs.TrafficSpec(1, num_requests=4, rate=100.0, output_len=(4, 4)),
                            vocab)
     bs.ensure_adapters(model, root, {r.adapter for r in warm})
-    bs.run_engine(engine(), warm)
-    for spec in specs:
+    if not args.no_engine:
+        bs.run_engine(engine(), warm)
+    for spec in specs if not args.no_engine else []:
         record("lorart-engine", spec, bs.run_engine(engine(), traffic[spec.name]))
 
     if not args.no_baselines:
@@ -95,14 +103,14 @@ def main(argv=None) -> int:
         if base_specs:
             t0 = time.perf_counter()
             # transformers' continuous batching, base model (no adapter routing), once
-            record("transformers-cb (base only)", base_specs[0],
-                   bs.run_transformers_cb(model, traffic[base_specs[0].name]))
+            attempt("transformers-cb (base only)", base_specs[0], bs.run_transformers_cb, model,
+                    traffic[base_specs[0].name])
             del model
             for spec in base_specs:
                 reqs = traffic[spec.name]
                 peft_model = bs.load_peft_model({r.adapter: root / r.adapter for r in reqs})
-                record("peft-grouped-set_adapter", spec, bs.run_peft_grouped(peft_model, reqs))
-                record("peft-adapter_names-static16", spec, bs.run_peft_static(peft_model, reqs))
+                attempt("peft-grouped-set_adapter", spec, bs.run_peft_grouped, peft_model, reqs)
+                attempt("peft-adapter_names-static16", spec, bs.run_peft_static, peft_model, reqs)
                 del peft_model
             print(f"baselines took {time.perf_counter() - t0:.0f} s", flush=True)
 

@@ -217,8 +217,7 @@ def run_transformers_cb(model, traffic: list[TrafficRequest]) -> dict:
     from transformers import GenerationConfig
 
     n = max(r.max_tokens for r in traffic)
-    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0,
-                           use_cuda_graph=False)
+    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate_batch(inputs=[r.prompt_ids for r in traffic], generation_config=cfg,

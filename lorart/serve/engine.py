@@ -36,7 +36,7 @@ from .errors import (
 from .kv_cache import PagedKVCache
 from .request import FINISHED, Request, RequestHandle
 from .resident import ResidentSlots
-from .runner import PROJECTIONS, ModelRunner, SeqChunk, StepBatch
+from .runner import PROJECTIONS, ModelRunner, SeqChunk, StepBatch, embedding_dtype_device
 from .sampling import make_generator, sample
 from .scheduler import Scheduler
 from .types import AdapterInfo, Delta, EngineMetrics, SamplingParams
@@ -69,8 +69,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.base_model_id = base_model_id
         self.max_queue = max_queue
-        dtype = model.model.embed_tokens.weight.dtype
-        device = model.model.embed_tokens.weight.device
+        dtype, device = embedding_dtype_device(model.model.embed_tokens)
         paths = [p for layer in range(len(model.model.layers))
                  for p in (f"model.layers.{layer}.{q}" for q in _proj_names())]
         modules = dict(model.named_modules())

@@ -39,6 +39,16 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 
 @dataclass
+
+def embedding_dtype_device(embed: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """Hidden-state dtype and device of an input embedding: an ``nn.Embedding``'s weight, or a
+    ``lorart.embedding.QuantizedEmbedding`` (packed, no float ``.weight``; ``.dtype`` is what
+    it outputs)."""
+    weight = embed.__dict__.get("_parameters", {}).get("weight")
+    if weight is not None:
+        return weight.dtype, weight.device
+    return embed.dtype, embed.qweight.device
+
 class SeqChunk:
     """One sequence's tokens in a step: packed rows ``start : start + length`` hold its
     positions ``context_len - length .. context_len - 1``; ``kv_slots [context_len]`` are
@@ -114,7 +124,7 @@ class ModelRunner:
         self.proj = [{p: layer.get_submodule(p) for p in PROJECTIONS} for layer in self.layers]
         self.proj_paths = [{p: f"model.layers.{i}.{p}" for p in PROJECTIONS}
                            for i in range(len(self.layers))]
-        self.dtype = inner.embed_tokens.weight.dtype
+        self.dtype = embedding_dtype_device(inner.embed_tokens)[0]
 
     @staticmethod
     def kv_shape(model: nn.Module) -> tuple[int, int, int]:

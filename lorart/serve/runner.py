@@ -38,8 +38,6 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-@dataclass
-
 def embedding_dtype_device(embed: nn.Module) -> tuple[torch.dtype, torch.device]:
     """Hidden-state dtype and device of an input embedding: an ``nn.Embedding``'s weight, or a
     ``lorart.embedding.QuantizedEmbedding`` (packed, no float ``.weight``; ``.dtype`` is what
@@ -49,6 +47,8 @@ def embedding_dtype_device(embed: nn.Module) -> tuple[torch.dtype, torch.device]
         return weight.dtype, weight.device
     return embed.dtype, embed.qweight.device
 
+
+@dataclass
 class SeqChunk:
     """One sequence's tokens in a step: packed rows ``start : start + length`` hold its
     positions ``context_len - length .. context_len - 1``; ``kv_slots [context_len]`` are

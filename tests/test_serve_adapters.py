@@ -259,3 +259,16 @@ def test_threaded_engine_many_clients(model):
     engine.shutdown()
     assert all(len(r.token_ids) == 5 for r in results.values()) and len(results) == 8
     assert_clean(engine)
+
+
+def test_one_memory_budget_for_kv_slots_and_host_tier(model):
+    budget = 4 << 20
+    engine = engine_for(model, memory_budget_bytes=budget, max_loras=2, max_lora_rank=8)
+    plan = engine.memory_plan
+    assert plan["resident_bytes"] == engine.slots.nbytes
+    assert plan["kv_bytes"] == sum(t.numel() * t.element_size()
+                                   for t in engine.kv.k + engine.kv.v)
+    assert plan["resident_bytes"] + plan["kv_bytes"] + plan["host_cap_bytes"] <= budget
+    assert engine.pool.host_bytes_cap == plan["host_cap_bytes"]
+    with pytest.raises(ValueError, match="memory_budget_bytes"):
+        engine_for(model, memory_budget_bytes=1000)

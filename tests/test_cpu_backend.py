@@ -325,20 +325,21 @@ def test_backward(isa, backend, dtype, base_kind, m):
     assert not got[1][11:].any() and not got[2][:, 11:].any(), "spare rank rows got gradient"
 
 
-def test_backward_flags_and_single_adapter(backend):
-    dy, x, base, lora, _ = _backward_case(torch.float32, "asym", 5)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_flags_and_single_adapter(isa, backend, dtype):
+    dy, x, base, lora, _ = _backward_case(dtype, "asym", 5)
     dx, da, db = backend.backward(dy, x, base, lora, None, True, False)
     assert da is None and db is None
     expected = reference.lora_backward(dy, x, base, lora.a, lora.b, lora.rank_offsets,
                                        lora.scales, None)
-    assert_close(dx, expected[0])
+    assert_close(dx, expected[0], dtype)
     dx, da, db = backend.backward(dy, x, base, lora, None, False, True)
     assert dx is None
-    assert_close(da, expected[1])
-    assert_close(db, expected[2])
+    assert_close(da, expected[1], dtype)
+    assert_close(db, expected[2], dtype)
     dx, da, db = backend.backward(dy, x, base, None, None, True, True)
     assert da is None and db is None
-    assert_close(dx, reference.lora_backward(dy, x, base, None, None, [0], [], None)[0])
+    assert_close(dx, reference.lora_backward(dy, x, base, None, None, [0], [], None)[0], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

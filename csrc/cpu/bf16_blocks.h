@@ -20,6 +20,7 @@ enum ScratchSlot : int {
   kSlotPanel,
   kSlotTile,
   kSlotCoef,
+  kSlotCoef2,
   kSlotMat,
   kSlotPadA,
   kSlotTrans,

@@ -10,7 +10,8 @@
 // forward, few rows (row streaming): W rows decoded to bf16 in registers, 8 rows of x per
 //   decode, no panel; same epilogue on the task's 64 columns.
 // backward: dx = dy·W + u·A_s (u = c_s·dy·B_s) as the panel GEMM with W's rows interleaved
-//   in pairs along N, and u·A_s in the epilogue.
+//   in pairs along N, and u·A_s in the epilogue; dA_s, dB_s as per-adapter outer products
+//   read straight from the bf16 x and dy.
 //
 // The shrink t = c_s·x·A_sᵀ and u = c_s·dy·B_s run once per row before the GEMM (M·r dots).
 #include <algorithm>
@@ -315,11 +316,55 @@ void forward(const api::ForwardArgs& a, int64_t decode_max_rows) {
 }
 
 // ------------------------------------------------------------------ backward
+// out[lo_s + j, c] += Σ_{rows m of adapter s} coef[m, j] · rows[m, c] for c < cols (fp32
+// out, bf16 rows): threads own disjoint 256-column ranges, so the r_s output rows of a
+// range stay in L1 while each row of `rows` is converted once for all its r_s products.
+void per_adapter_outer(const api::AdapterArgs& l, const float* coef, int64_t tr, int64_t m,
+                       const uint16_t* rows, int64_t ld, int64_t cols, float* out) {
+  constexpr int64_t kRange = 256;
+#pragma omp parallel for schedule(dynamic) if (m * tr * cols > kParallelMinWork)
+  for (int64_t c0 = 0; c0 < cols; c0 += kRange) {
+    const int64_t cn = std::min(kRange, cols - c0);
+    for (int64_t i = 0; i < m; ++i) {
+      const int s = row_adapter(l, i);
+      if (s < 0) continue;
+      const int64_t lo = l.rank_offsets[s], r = lorart::adapter_rank(l.rank_offsets, s);
+      for (int64_t c = 0; c < cn; c += 16) {
+        const __mmask16 mask = lanes16(cn - c);
+        const __m512 v = bf16x16_to_f32_masked(rows + i * ld + c0 + c, mask);
+        for (int64_t j = 0; j < r; ++j) {
+          float* o = out + (lo + j) * cols + c0 + c;
+          const __m512 acc = _mm512_maskz_loadu_ps(mask, o);
+          _mm512_mask_storeu_ps(o, mask, _mm512_fmadd_ps(_mm512_set1_ps(coef[i * tr + j]), v, acc));
+        }
+      }
+    }
+  }
+}
+
+// dA_s = Σ u[m]ᵀ x[m] and dB_s = Σ dy[m]ᵀ t[m] over the rows of adapter s (u = c_s·dy·B_s,
+// t = c_s·x·A_sᵀ), into the caller's zero-filled fp32 da [R, K] and db [N, R].
+void lora_gradients(const api::BackwardArgs& a, const float* u, int64_t tr) {
+  const api::AdapterArgs& l = a.lora;
+  const int64_t m = a.m, n = a.w.n, k = a.w.k;
+  const uint16_t* x = static_cast<const uint16_t*>(a.x);
+  per_adapter_outer(l, u, tr, m, x, a.ldx, k, a.da);
+  float* t = scratch<float>(kSlotCoef2, m * tr);
+  lora_coefficients(l, x, a.ldx, m, static_cast<const uint16_t*>(l.a), k, k, tr, t);
+  const int64_t rused = l.rank_offsets[l.num_adapters];
+  float* dbt = scratch<float>(kSlotMat, rused * n);  // dBᵀ [R_used, N]
+  std::fill(dbt, dbt + rused * n, 0.0f);
+  per_adapter_outer(l, t, tr, m, static_cast<const uint16_t*>(a.dy), a.lddy, n, dbt);
+#pragma omp parallel for schedule(static) if (n * rused > kParallelMinWork)
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t r = 0; r < rused; ++r) a.db[j * l.total_rank + r] = dbt[r * n + j];
+}
+
 void backward(const api::BackwardArgs& a) {
   const api::WeightArgs& w = a.w;
   const api::AdapterArgs& l = a.lora;
   const int64_t m = a.m, n = w.n, k = w.k;
-  if (a.dtype != DType::kBF16 || a.dx == nullptr || m == 0 || n == 0 || k == 0) {
+  if (a.dtype != DType::kBF16 || m == 0 || n == 0 || k == 0) {
     fallback().backward(a);
     return;
   }
@@ -342,18 +387,16 @@ void backward(const api::BackwardArgs& a) {
     epi.coef = u;
     epi.mat = af;
   }
-  const Quant4 q(w);
-  const WeightRows wr{w, q};
-  int64_t lddy = 0;
-  const uint16_t* dy = paired_rows(a.dy, m, n, a.lddy, &lddy);
-  panel_gemm(m, k, n, dy, lddy, epi, [&](int64_t c0, int64_t d0, int64_t dc, int32_t* panel) {
-    pack_backward_panel(wr, d0, dc, c0, panel);
-  });
-  if (tr > 0 && a.da && a.db) {
-    api::BackwardArgs rest = a;
-    rest.dx = nullptr;  // dA, dB per adapter: the avx512 kernels
-    fallback().backward(rest);
+  if (a.dx) {
+    const Quant4 q(w);
+    const WeightRows wr{w, q};
+    int64_t lddy = 0;
+    const uint16_t* dy = paired_rows(a.dy, m, n, a.lddy, &lddy);
+    panel_gemm(m, k, n, dy, lddy, epi, [&](int64_t c0, int64_t d0, int64_t dc, int32_t* panel) {
+      pack_backward_panel(wr, d0, dc, c0, panel);
+    });
   }
+  if (tr > 0 && a.da && a.db) lora_gradients(a, epi.coef, tr);
 }
 
 }  // namespace

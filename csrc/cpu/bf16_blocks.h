@@ -160,13 +160,28 @@ inline void transpose16x16(__m512i r[16]) {
 }
 
 // Forward panel: panel[p][c] = pair (k0 + 2p, k0 + 2p + 1) of W row n0 + c, for
-// p < kc / 2 (kc a multiple of 32) and c < 64.
+// p < kc / 2 (kc a multiple of 32; k0 a multiple of every group size) and c < 64. A 4-bit
+// row's group table is built once per group (up to 8 chunks), not once per chunk.
 inline void pack_forward_panel(const WeightRows& wr, int64_t n0, int64_t k0, int64_t kc,
                                int32_t* panel) {
+  const api::WeightArgs& w = wr.w;
+  __m512i tables[kPanelCols];
   for (int64_t kk = 0; kk < kc; kk += 32) {
+    const int64_t k = k0 + kk;
+    if (w.quantized && k % w.group_size == 0)
+      for (int c = 0; c < kPanelCols; ++c)
+        tables[c] =
+            n0 + c < w.n ? wr.q.table_bf16(n0 + c, k / w.group_size) : _mm512_setzero_si512();
     for (int cg = 0; cg < kPanelCols; cg += 16) {
       __m512i r[16];
-      for (int i = 0; i < 16; ++i) r[i] = wr.chunk(n0 + cg + i, k0 + kk);
+      for (int i = 0; i < 16; ++i) {
+        const int64_t n = n0 + cg + i;
+        if (!w.quantized || n >= w.n || k >= w.k) {
+          r[i] = wr.chunk(n, k);
+        } else {
+          r[i] = decode_bf16(wr.q.row(n) + k / 2, tables[cg + i]);
+        }
+      }
       transpose16x16(r);
       for (int p = 0; p < 16; ++p)
         _mm512_storeu_si512(panel + (kk / 2 + p) * kPanelCols + cg, r[p]);

@@ -184,6 +184,7 @@ def test_decode_crossover(benchmark, monkeypatch, path: str, rows: int, dtype: s
     limit = 1 << 30 if path == "decode" else 0
     monkeypatch.setattr(cpu, "DECODE_MAX_ROWS", limit)
     monkeypatch.setattr(cpu, "BF16_DECODE_MAX_ROWS", limit)
+    monkeypatch.setattr(cpu, "BF16_DENSE_DECODE_MAX_ROWS", limit)
     case = CpuCase(4096, 4096, rows)
     fn = _make(f"lorart_{dtype}", case)
     benchmark.group = f"crossover-{dtype}-m{rows}"

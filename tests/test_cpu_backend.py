@@ -41,6 +41,7 @@ def path(request, monkeypatch):
     avx512bf16 with bf16 x: row streaming below 48 rows, the panel GEMM from 48)."""
     monkeypatch.setattr(cpu, "DECODE_MAX_ROWS", PATHS[request.param])
     monkeypatch.setattr(cpu, "BF16_DECODE_MAX_ROWS", PATHS[request.param])
+    monkeypatch.setattr(cpu, "BF16_DENSE_DECODE_MAX_ROWS", PATHS[request.param])
     return request.param
 
 
@@ -145,6 +146,7 @@ def test_dense_forward_odd_shapes(isa, backend, dtype, n, k, monkeypatch):
     for path, rows in PATHS.items():
         monkeypatch.setattr(cpu, "DECODE_MAX_ROWS", rows)
         monkeypatch.setattr(cpu, "BF16_DECODE_MAX_ROWS", rows)
+        monkeypatch.setattr(cpu, "BF16_DENSE_DECODE_MAX_ROWS", rows)
         for m in (1, 3, 64):
             x = torch.randn(m, k).to(dtype)
             y, expected = _forward_both(backend, x, w, bias, lora, None)
@@ -272,6 +274,7 @@ def test_bf16_kernels_deep_wide_ragged(backend, monkeypatch, base_kind):
     """The vdpbf16ps kernels past one 2048-deep panel (forward K, backward N), with odd
     K (dense), N not a multiple of 64, ragged ranks, -1 rows, row streaming and panel."""
     monkeypatch.setattr(cpu, "BF16_DECODE_MAX_ROWS", 0)
+    monkeypatch.setattr(cpu, "BF16_DENSE_DECODE_MAX_ROWS", 0)
     previous = cpu.isa()
     cpu.set_isa("avx512bf16")
     try:

@@ -3,8 +3,9 @@
 One op chain: ``CpuBackend.forward`` → ``torch.ops.lorart.cpu_lora_forward`` (a
 ``torch.library.custom_op`` with a fake implementation, so ``torch.compile`` traces it)
 → ``lorart._C.cpu_forward`` (pointers, sizes, row strides; the GIL is released) →
-the kernel table of the instruction set chosen at run time (AVX-512, AVX2+FMA or
-portable scalar; ``LORART_CPU_ISA`` or :func:`set_isa` forces one).
+the kernel table of the instruction set chosen at run time (AVX-512 with AVX512-BF16
+for bfloat16 x, AVX-512, AVX2+FMA+F16C or portable scalar; ``LORART_CPU_ISA`` or
+:func:`set_isa` forces one).
 
     y[i]  = x[i] Wᵀ + bias + c_s · (x[i] A_sᵀ) B_sᵀ            s = adapter_ids[i] (-1: none)
     dx    = dy W + Σ_s c_s (dy_s B_s) A_s
@@ -44,12 +45,24 @@ _DENSE = -1
 DECODE_MAX_ROWS = 20
 
 # Kernel tables with AVX512-BF16 (vdpbf16ps) kernels for bfloat16 x (csrc/cpu/
-# isa_avx512bf16.cpp): with one of them, bf16 never goes to torch's GEMM (the two
-# LIBRARY constants below apply only without), and rows above BF16_DECODE_MAX_ROWS run
-# the bf16 row-streaming kernel, from its kPanelMinRows (48) rows the panel GEMM.
-# Measured: see benchmarks/RESULTS.md "CPU BF16 kernels".
+# isa_avx512bf16.cpp). With one of them, bf16 never goes to torch's GEMM (the two
+# LIBRARY constants below apply only without it); the rows of a bf16 call pick:
+#   rows <= BF16_DECODE_MAX_ROWS (4-bit) / BF16_DENSE_DECODE_MAX_ROWS (dense):
+#       the streaming decode GEMV above (fp32 FMA; 1-4 rows are bandwidth-bound, and it
+#       reads each packed byte once for up to 4 rows);
+#   up to 47 rows: bf16 row streaming (W rows decoded to bf16 in registers, 8 rows of x
+#       per decode, vdpbf16ps; no panel to pack);
+#   from 48 rows (kPanelMinRows in the C++): the panel GEMM (64 columns x 2048 k of W
+#       packed per thread in L2, 6x64 vdpbf16ps register tile, LoRA in the epilogue).
+# The crossovers come from the kernels' work per weight (panel packing costs about
+# what 8-16 streamed rows do) and were checked with `pytest benchmarks/bench_cpu_lora.py
+# -k crossover` on 2026-12-02 while 7 other engineers loaded this 2-core machine
+# (load average 12-17): timings were too noisy to move the constants by; see RESULTS.md.
 BF16_KERNEL_ISAS = ("avx512bf16",)
 BF16_DECODE_MAX_ROWS = 4
+# Dense bf16 W: 1 row reads the same bytes either way; from 2 rows the bf16 kernels
+# stream W once for up to 8 rows (the fp32 decode ran 1.09 ms at 2 rows vs torch's 0.90).
+BF16_DENSE_DECODE_MAX_ROWS = 1
 
 # bfloat16 with at least this many rows and a 4-bit base: W is dequantized to bf16 (C++,
 # SIMD) and multiplied by torch's bf16 GEMM (oneDNN, AVX512-BF16), then the C++ LoRA
@@ -77,7 +90,8 @@ _ISA = {"active": _C.isa(), "available": list(_C.available_isas()), "threads": _
 
 
 def set_isa(name: str) -> None:
-    """Force the kernels of one instruction set: ``"scalar"``, ``"avx2"`` or ``"avx512"``.
+    """Force the kernels of one instruction set: ``"scalar"``, ``"avx2"``, ``"avx512"`` or
+    ``"avx512bf16"``.
 
     ``ValueError`` if the CPU (or this build) lacks it. ``LORART_CPU_ISA`` sets the
     initial choice; by default the best one available is used.
@@ -161,10 +175,10 @@ def _forward_impl(
     return y
 
 
-def _decode_max_rows(dtype: torch.dtype) -> int:
+def _decode_max_rows(dtype: torch.dtype, scheme: int) -> int:
     """Rows up to which the forward runs the streaming decode GEMV (fp32 FMA)."""
     if dtype == torch.bfloat16 and _ISA["active"] in BF16_KERNEL_ISAS:
-        return BF16_DECODE_MAX_ROWS
+        return BF16_DECODE_MAX_ROWS if scheme != _DENSE else BF16_DENSE_DECODE_MAX_ROWS
     return DECODE_MAX_ROWS
 
 
@@ -349,7 +363,7 @@ class CpuBackend(Backend):
         op = torch.ops.lorart.cpu_lora_forward if torch.compiler.is_compiling() else _forward_impl
         return op(
             x, weight, scales, offsets, scheme, group_size, bias, a, b, rank_offsets,
-            lora_scales, adapter_ids, _decode_max_rows(x.dtype))
+            lora_scales, adapter_ids, _decode_max_rows(x.dtype, scheme))
 
     def backward(self, dy, x, base, lora, adapter_ids, need_dx, need_dlora, segments=None):
         weight, scales, offsets, scheme, group_size = _base_parts(base)

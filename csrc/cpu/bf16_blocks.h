@@ -197,10 +197,21 @@ inline void pack_backward_panel(const WeightRows& wr, int64_t n0, int64_t nc, in
   // pairs of k 0..15 and 16..31 of a 32-k chunk in order.
   const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
   const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  const api::WeightArgs& w = wr.w;
   for (int64_t q = 0; q < nc / 2; ++q) {
     const int64_t n = n0 + 2 * q;
+    // A 4-bit row's group table serves both 32-k chunks when g >= 64 (built once, not twice).
+    const bool shared = w.quantized && w.group_size >= 64 && n + 1 < w.n && k0 + 32 < w.k;
+    __m512i ta = _mm512_setzero_si512(), tb = ta;
+    if (shared) {
+      ta = wr.q.table_bf16(n, k0 / w.group_size);
+      tb = wr.q.table_bf16(n + 1, k0 / w.group_size);
+    }
     for (int cg = 0; cg < kPanelCols; cg += 32) {
-      const __m512i a = wr.chunk(n, k0 + cg), b = wr.chunk(n + 1, k0 + cg);
+      const __m512i a =
+          shared ? decode_bf16(wr.q.row(n) + (k0 + cg) / 2, ta) : wr.chunk(n, k0 + cg);
+      const __m512i b =
+          shared ? decode_bf16(wr.q.row(n + 1) + (k0 + cg) / 2, tb) : wr.chunk(n + 1, k0 + cg);
       const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
       _mm512_storeu_si512(panel + q * kPanelCols + cg, _mm512_permutex2var_epi64(lo, first, hi));
       _mm512_storeu_si512(panel + q * kPanelCols + cg + 16,

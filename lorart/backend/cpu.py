@@ -4,8 +4,9 @@ One op chain: ``CpuBackend.forward`` → ``torch.ops.lorart.cpu_lora_forward`` (
 ``torch.library.custom_op`` with a fake implementation, so ``torch.compile`` traces it)
 → ``lorart._C.cpu_forward`` (keyword arguments: buffers as (pointer, element count) so
 the C++ side checks each against the shapes, sizes, row strides; the GIL is released) →
-the kernel table of the instruction set chosen at run time (AVX-512, AVX2+FMA or
-portable scalar; ``LORART_CPU_ISA`` or :func:`set_isa` forces one).
+the kernel table of the instruction set chosen at run time (AVX-512 with AVX512-BF16
+for bfloat16 x, AVX-512, AVX2+FMA+F16C or portable scalar; ``LORART_CPU_ISA`` or
+:func:`set_isa` forces one).
 
     y[i]  = x[i] Wᵀ + bias + c_s · (x[i] A_sᵀ) B_sᵀ            s = adapter_ids[i] (-1: none)
     dx    = dy W + Σ_s c_s (dy_s B_s) A_s
@@ -45,6 +46,26 @@ _DENSE = -1
 #   gemm,   1 thread   5.1 ms   5.3 ms   5.4 ms  10.2 ms
 DECODE_MAX_ROWS = 20
 
+# Kernel tables with AVX512-BF16 (vdpbf16ps) kernels for bfloat16 x (csrc/cpu/
+# isa_avx512bf16.cpp). With one of them, bf16 never goes to torch's GEMM (the two
+# LIBRARY constants below apply only without it); the rows of a bf16 call pick:
+#   rows <= BF16_DECODE_MAX_ROWS (4-bit) / BF16_DENSE_DECODE_MAX_ROWS (dense):
+#       the streaming decode GEMV above (fp32 FMA; 1-4 rows are bandwidth-bound, and it
+#       reads each packed byte once for up to 4 rows);
+#   up to 47 rows: bf16 row streaming (W rows decoded to bf16 in registers, 8 rows of x
+#       per decode, vdpbf16ps; no panel to pack);
+#   from 48 rows (kPanelMinRows in the C++): the panel GEMM (64 columns x 2048 k of W
+#       packed per thread in L2, 6x64 vdpbf16ps register tile, LoRA in the epilogue).
+# The crossovers come from the kernels' work per weight (panel packing costs about
+# what 8-16 streamed rows do) and were checked with `pytest benchmarks/bench_cpu_lora.py
+# -k crossover` on 2026-12-02 while 7 other engineers loaded this 2-core machine
+# (load average 12-17): timings were too noisy to move the constants by; see RESULTS.md.
+BF16_KERNEL_ISAS = ("avx512bf16",)
+BF16_DECODE_MAX_ROWS = 4
+# Dense bf16 W: 1 row reads the same bytes either way; from 2 rows the bf16 kernels
+# stream W once for up to 8 rows (the fp32 decode ran 1.09 ms at 2 rows vs torch's 0.90).
+BF16_DENSE_DECODE_MAX_ROWS = 1
+
 # bfloat16 with at least this many rows and a 4-bit base: W is dequantized to bf16 (C++,
 # SIMD) and multiplied by torch's bf16 GEMM (oneDNN, AVX512-BF16), then the C++ LoRA
 # epilogue is added. torch's bf16 GEMM ran ~920 GFLOP/s here against ~330 for the fp32
@@ -71,7 +92,8 @@ _ISA = {"active": _C.isa(), "available": list(_C.available_isas()), "threads": _
 
 
 def set_isa(name: str) -> None:
-    """Force the kernels of one instruction set: ``"scalar"``, ``"avx2"`` or ``"avx512"``.
+    """Force the kernels of one instruction set: ``"scalar"``, ``"avx2"``, ``"avx512"`` or
+    ``"avx512bf16"``.
 
     ``ValueError`` if the CPU (or this build) lacks it. ``LORART_CPU_ISA`` sets the
     initial choice; by default the best one available is used.
@@ -132,10 +154,10 @@ def _forward_impl(
     n = weight.shape[0]
     if m == 0 or n == 0:
         return torch.empty((m, n), dtype=x.dtype)
-    if scheme != _DENSE and x.dtype == torch.bfloat16 and m >= LIBRARY_GEMM_MIN_ROWS:
+    if _library_gemm(x.dtype, scheme, m) and scheme != _DENSE:
         return _forward_library(x, weight, scales, offsets, scheme, group_size, bias, a, b,
                                 rank_offsets, lora_scales, adapter_ids)
-    if scheme == _DENSE and x.dtype == torch.bfloat16 and m >= DENSE_LIBRARY_GEMM_MIN_ROWS:
+    if _library_gemm(x.dtype, scheme, m):
         y = torch.nn.functional.linear(x, weight, bias).contiguous()
         return _add_lora(y, x, a, b, rank_offsets, lora_scales, adapter_ids)
     y = torch.empty((m, n), dtype=x.dtype)
@@ -152,6 +174,21 @@ def _forward_impl(
                    lora_scales=lora_scales, adapter_ids=_buf(ids), y=_buf(y), ldy=n,
                    decode_max_rows=decode_max_rows)
     return y
+
+
+def _decode_max_rows(dtype: torch.dtype, scheme: int) -> int:
+    """Rows up to which the forward runs the streaming decode GEMV (fp32 FMA)."""
+    if dtype == torch.bfloat16 and _ISA["active"] in BF16_KERNEL_ISAS:
+        return BF16_DECODE_MAX_ROWS if scheme != _DENSE else BF16_DENSE_DECODE_MAX_ROWS
+    return DECODE_MAX_ROWS
+
+
+def _library_gemm(dtype: torch.dtype, scheme: int, m: int) -> bool:
+    """Whether torch's bf16 GEMM (plus the C++ LoRA epilogue) beats the fused kernels:
+    only without AVX512-BF16 kernels (see BF16_KERNEL_ISAS)."""
+    if dtype != torch.bfloat16 or _ISA["active"] in BF16_KERNEL_ISAS:
+        return False
+    return m >= (DENSE_LIBRARY_GEMM_MIN_ROWS if scheme == _DENSE else LIBRARY_GEMM_MIN_ROWS)
 
 
 def _forward_library(x, weight, scales, offsets, scheme, group_size, bias, a, b, rank_offsets,
@@ -324,7 +361,7 @@ class CpuBackend(Backend):
         # go through the registered op so torch.compile sees it.
         op = torch.ops.lorart.cpu_lora_forward if torch.compiler.is_compiling() else _forward_impl
         return op(x, w.data, w.scales, w.offsets, w.scheme, w.group_size, bias, a, b,
-                  rank_offsets, lora_scales, ids_of(batch), DECODE_MAX_ROWS)
+                  rank_offsets, lora_scales, ids_of(batch), _decode_max_rows(x.dtype, w.scheme))
 
     def backward(self, dy, x, base, lora, batch, need_dx, need_dlora):
         if is_int8(base):  # dense backward on W dequantized in C++

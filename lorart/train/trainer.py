@@ -220,6 +220,7 @@ class LoRATrainer:
             tokens += r.tokens
             elapsed = time.perf_counter() - t0
             losses = " ".join(f"{n}={v:.3f}" for n, v in r.adapter_losses.items())
+            # r.loss: the mean of the adapters' losses (each shown too), not their sum
             bar.set_postfix_str(f"loss {r.loss:.3f} [{losses}] {tokens / elapsed:.0f} tok/s")
             bar.update(1)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:

@@ -189,3 +189,32 @@ def test_step_loss_is_the_mean_of_the_adapters_losses():
     lorart.train.freeze_all_but_adapters(model, names)
     res = train_step(model, batch, AdapterOptimizer(model, names, lr=1e-3))
     assert res.loss == pytest.approx(sum(res.adapter_losses.values()) / 2)
+
+
+@pytest.mark.parametrize("num_items", [None, 13])
+def test_hf_forward_fused_loss_matches_transformers_loss(num_items):
+    """prepare_for_hf_trainer's forward: same loss and LoRA grads as the model's own
+    (unfused) loss, mixed adapters, with and without the Trainer's num_items_in_batch."""
+    from lorart.train import prepare_for_hf_trainer, restore_hf_model
+
+    names = ["a", "b"]
+    batch = random_batch(["b", "a", "a"])
+    model, _ = tiny_llama()
+    add(model, names)
+    prepare_for_hf_trainer(model, names)
+    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    got = []
+    for fused in (True, False):
+        if not fused:
+            restore_hf_model(model)
+            assert "forward" not in model.__dict__
+        model.zero_grad()
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    labels=batch.labels, adapter_names=batch.adapter_names, **kw)
+        assert (out.logits is None) == fused
+        out.loss.backward()
+        got.append((out.loss.detach(), [p.grad.clone() for n in names
+                                        for p in lora_parameters(model, n)]))
+    assert_close(got[0][0], got[1][0], torch.float32)
+    for g0, g1 in zip(got[0][1], got[1][1]):
+        assert_close(g0, g1, torch.float32)

@@ -24,7 +24,13 @@ from .engine import (
     response_losses,
     train_step,
 )
-from .hf import HFCollator, SaveAdaptersCallback, hf_dataset, prepare_for_hf_trainer
+from .hf import (
+    HFCollator,
+    SaveAdaptersCallback,
+    hf_dataset,
+    prepare_for_hf_trainer,
+    restore_hf_model,
+)
 from .memory import checkpoint_layers, lean_activations
 from .trainer import (
     LoRATrainer,
@@ -65,6 +71,7 @@ __all__ = [
     "read_jsonl",
     "resolve_compute_dtype",
     "response_losses",
+    "restore_hf_model",
     "save_peft_adapter",
     "train",
     "train_step",

@@ -124,14 +124,15 @@ def response_losses(model: nn.Module, batch: Batch, fused: bool = True,
     targets = batch.labels[:, 1:]
     pos = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # (rows [P], t [P])
     labelled = hidden[:, :-1][pos]  # [P, H]
-    if fused and _fusable(head):
+    if fused and fusable_head(head):
         return linear_cross_entropy(labelled, head, targets[pos]), pos[0]
     logits = head(labelled)  # [P, V]
     losses = nn.functional.cross_entropy(logits.float(), targets[pos], reduction="none")
     return losses, pos[0]
 
 
-def _fusable(head: nn.Module) -> bool:
+def fusable_head(head: nn.Module) -> bool:
+    """Whether ``head`` can run in :func:`lorart.losses.linear_cross_entropy` (no LoRA on it)."""
     try:
         head_weight(head)
     except TypeError:  # e.g. LoRA on the output layer

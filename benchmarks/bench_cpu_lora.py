@@ -17,6 +17,10 @@ Each implementation cycles through enough copies of its weights to exceed 64 MiB
 1-row call reads its weights from DRAM as a real decode step does, not from the 32 MiB
 L3 that a single 4096x4096 4-bit layer would otherwise sit in. The read bandwidth is
 measured in the same run (bandwidth.py) and stored in the JSON's machine_info.
+``test_cpu_lora_backward`` times forward + backward (dx, dA, dB) at 512 rows: lorart
+(4-bit and dense bf16 base) against torch autograd of the PEFT-style bf16 layer. The bf16
+matmul ceiling (torch's own bf16 GEMM, best of several 512x4096x4096) is measured once per
+run and stored with every benchmark, so the 512-row table reports GFLOP/s against it.
 ``test_decode_crossover`` times the decode GEMV against the tiled GEMM path at small row
 counts: the measurement behind ``lorart.backend.cpu.DECODE_MAX_ROWS``.
 """
@@ -98,6 +102,25 @@ def _make(impl: str, case: CpuCase):
     return lambda: torch.nn.functional.linear(x, next(ring)) + LORA_SCALE * ((x @ a.T) @ b.T)
 
 
+_CEILING: dict = {}
+
+
+@pytest.fixture(scope="session")
+def bf16_ceiling() -> float:
+    """torch's bf16 matmul rate here (GFLOP/s, best of 10 calls of 512x4096 @ 4096x4096)."""
+    if not _CEILING:
+        import time
+
+        x, w = torch.randn(512, 4096).bfloat16(), torch.randn(4096, 4096).bfloat16()
+        best = float("inf")
+        for _ in range(10):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            best = min(best, time.perf_counter() - t0)
+        _CEILING["gflops"] = 2 * 512 * 4096 * 4096 / best / 1e9
+    return _CEILING["gflops"]
+
+
 @pytest.fixture(autouse=True)
 def _cpu_backend(monkeypatch):
     monkeypatch.setenv("LORART_BACKEND", "cpu")
@@ -105,23 +128,62 @@ def _cpu_backend(monkeypatch):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
-def test_cpu_lora(benchmark, bandwidth, case: CpuCase, impl: str):
+def test_cpu_lora(benchmark, bandwidth, bf16_ceiling, case: CpuCase, impl: str):
     fn = _make(impl, case)
     act = 4 if impl.endswith("fp32") else 2
     benchmark.group = case.id
     benchmark.extra_info.update(case.as_dict())
     benchmark.extra_info.update(
-        impl=impl, flops=case.flops, read_gbps=bandwidth["gbps"],
+        impl=impl, flops=case.flops, read_gbps=bandwidth["gbps"], bf16_gflops=bf16_ceiling,
         bytes=layer_bytes(case.n, case.k, case.rows, case.rank, case.group_size, act))
     with torch.no_grad():
         benchmark(fn)
+
+
+BACKWARD_IMPLS = ("lorart_q4_bf16", "lorart_dense_bf16", "peft_bf16")
+
+
+def _make_backward(impl: str, case: CpuCase):
+    """Forward + backward of one layer call (dx, dA, dB; the base frozen), bf16."""
+    qw = _quantized(case.n, case.k, case.group_size)
+    x = torch.randn(case.rows, case.k).bfloat16().requires_grad_()
+    a = (torch.randn(case.rank, case.k) * 0.02).bfloat16().requires_grad_()
+    b = (torch.randn(case.n, case.rank) * 0.02).bfloat16().requires_grad_()
+    dy = torch.randn(case.rows, case.n).bfloat16()
+    w = qw.dequantize(torch.bfloat16)
+    if impl == "lorart_q4_bf16":
+        layer = lambda: lorart.lora_linear(x, qw, a, b, LORA_SCALE)  # noqa: E731
+    elif impl == "lorart_dense_bf16":
+        layer = lambda: lorart.lora_linear(x, w, a, b, LORA_SCALE)  # noqa: E731
+    else:  # PEFT's LoraLayer.forward: base(x) + scale * lora_B(lora_A(x))
+        layer = lambda: (torch.nn.functional.linear(x, w)  # noqa: E731
+                         + LORA_SCALE * torch.nn.functional.linear(
+                             torch.nn.functional.linear(x, a), b))
+
+    def run():
+        x.grad = a.grad = b.grad = None
+        layer().backward(dy)
+
+    return run
+
+
+@pytest.mark.parametrize("impl", BACKWARD_IMPLS)
+@pytest.mark.parametrize("case", [c for c in CPU_CASES if c.rows == 512], ids=lambda c: c.id)
+def test_cpu_lora_backward(benchmark, bf16_ceiling, case: CpuCase, impl: str):
+    fn = _make_backward(impl, case)
+    benchmark.group = f"backward-{case.id}"
+    benchmark.extra_info.update(case.as_dict(), id=f"bwd-{case.id}", impl=impl,
+                                flops=3 * case.flops, bf16_gflops=bf16_ceiling)
+    benchmark(fn)
 
 
 @pytest.mark.parametrize("path", ("decode", "gemm"))
 @pytest.mark.parametrize("rows", (2, 4, 8, 12, 16, 24, 32))
 @pytest.mark.parametrize("dtype", ("bf16", "fp32"))
 def test_decode_crossover(benchmark, monkeypatch, path: str, rows: int, dtype: str):
-    monkeypatch.setattr(cpu, "DECODE_MAX_ROWS", 1 << 30 if path == "decode" else 0)
+    limit = 1 << 30 if path == "decode" else 0
+    monkeypatch.setattr(cpu, "DECODE_MAX_ROWS", limit)
+    monkeypatch.setattr(cpu, "BF16_DECODE_MAX_ROWS", limit)
     case = CpuCase(4096, 4096, rows)
     fn = _make(f"lorart_{dtype}", case)
     benchmark.group = f"crossover-{dtype}-m{rows}"
@@ -137,9 +199,14 @@ def table(path: str) -> str:
     bw = data["machine_info"].get("read_bandwidth", {}).get("gbps")
     rows: dict[str, dict] = {}
     crossover: dict[str, dict] = {}
+    backward: dict[str, dict] = {}
+    ceiling = None
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        target = crossover if bench["name"].startswith("test_decode_crossover") else rows
+        ceiling = info.get("bf16_gflops", ceiling)
+        name = bench["name"]
+        target = (crossover if name.startswith("test_decode_crossover")
+                  else backward if name.startswith("test_cpu_lora_backward") else rows)
         entry = target.setdefault(info["id"], {"info": info})
         entry[info["impl"]] = bench["stats"]["min"] * 1e3
     out = [f"read bandwidth (best of torch.sum / C++ stream): {bw:.1f} GB/s" if bw else "",
@@ -154,6 +221,25 @@ def table(path: str) -> str:
         cells += [f"{x / y:.2f}x" if x and y else "-" for x, y in ((i4, lb), (pb, lb), (pf, lf))]
         cells.append(f"{gbps:.1f} ({100 * gbps / bw:.0f}%)" if gbps and bw else "-")
         out.append("| " + " | ".join(cells) + " |")
+    big = {cid: e for cid, e in rows.items() if e["info"].get("rows") == 512}
+    if big and ceiling:
+        out += ["", f"512 rows, bf16, GFLOP/s (torch bf16 matmul ceiling in this run: "
+                f"{ceiling:.0f} GFLOP/s)", "",
+                "| case | lorart bf16 | PEFT bf16 | lorart % of ceiling |", "|---|---|---|---|"]
+        for cid, e in big.items():
+            gf = {i: e["info"]["flops"] / (e[i] * 1e-3) / 1e9 for i in ("lorart_bf16", "peft_bf16")
+                  if e.get(i)}
+            out.append(f"| {cid} | {gf.get('lorart_bf16', 0):.0f} | {gf.get('peft_bf16', 0):.0f} "
+                       f"| {100 * gf.get('lorart_bf16', 0) / ceiling:.0f}% |")
+    if backward:
+        out += ["", "| backward case (fwd + bwd) | lorart 4-bit ms | lorart dense bf16 ms | "
+                "PEFT bf16 autograd ms | PEFT ÷ lorart 4-bit | PEFT ÷ lorart dense |",
+                "|---|---|---|---|---|---|"]
+        for cid, e in backward.items():
+            q, d, p = e.get("lorart_q4_bf16"), e.get("lorart_dense_bf16"), e.get("peft_bf16")
+            cells = [cid] + [f"{v:.2f}" if v else "-" for v in (q, d, p)]
+            cells += [f"{p / v:.2f}x" if p and v else "-" for v in (q, d)]
+            out.append("| " + " | ".join(cells) + " |")
     if crossover:
         out += ["", "| crossover case | decode ms | gemm ms |", "|---|---|---|"]
         for cid, e in crossover.items():

@@ -37,7 +37,10 @@ def isa(request):
 
 @pytest.fixture(params=list(PATHS))
 def path(request, monkeypatch):
+    """"decode": every row count runs the streaming decode GEMV; "gemm": none does (on
+    avx512bf16 with bf16 x: row streaming below 48 rows, the panel GEMM from 48)."""
     monkeypatch.setattr(cpu, "DECODE_MAX_ROWS", PATHS[request.param])
+    monkeypatch.setattr(cpu, "BF16_DECODE_MAX_ROWS", PATHS[request.param])
     return request.param
 
 
@@ -93,6 +96,23 @@ def test_isa_env_override():
     assert "LORART_CPU_ISA=sse9" in out.stdout, out.stdout + out.stderr
 
 
+def test_isas_match_the_cpu_flags():
+    """Each SIMD ISA is offered exactly when /proc/cpuinfo has every feature its TU is
+    compiled for (CMakeLists.txt), so a CPU lacking one never runs those instructions."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64") or not __import__("os").path.exists(
+            "/proc/cpuinfo"):
+        pytest.skip("x86-64 Linux only")
+    flags = set(open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split())
+    need = {"avx2": {"avx2", "fma", "f16c"}}
+    need["avx512"] = need["avx2"] | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+    need["avx512bf16"] = need["avx512"] | {"avx512_bf16"}
+    for isa, features in need.items():
+        assert (isa in ISAS) == features.issubset(flags), (isa, features - flags)
+    assert ISAS[0] == next(i for i in ("avx512bf16", "avx512", "avx2", "scalar") if i in ISAS)
+
+
 def test_set_isa_rejects_unknown():
     with pytest.raises(ValueError, match="isa"):
         cpu.set_isa("sse9")
@@ -109,7 +129,7 @@ def test_quantized_forward(isa, path, backend, dtype, scheme, group_size):
     qw = lorart.quantize(torch.randn(n, k), group_size, scheme, scale_dtype)
     bias = torch.randn(n).to(dtype)
     lora = _lora(5, k, n, dtype)
-    for m in (1, 3, 9):
+    for m in (1, 3, 9, 50):
         x = torch.randn(m, k).to(dtype)
         y, expected = _forward_both(backend, x, qw, bias, lora, None)
         assert y.dtype == dtype
@@ -124,6 +144,7 @@ def test_dense_forward_odd_shapes(isa, backend, dtype, n, k, monkeypatch):
     lora = _lora(3, k, n, dtype)
     for path, rows in PATHS.items():
         monkeypatch.setattr(cpu, "DECODE_MAX_ROWS", rows)
+        monkeypatch.setattr(cpu, "BF16_DECODE_MAX_ROWS", rows)
         for m in (1, 3, 64):
             x = torch.randn(m, k).to(dtype)
             y, expected = _forward_both(backend, x, w, bias, lora, None)
@@ -243,6 +264,39 @@ def test_nan_and_inf_propagate_like_torch(isa, path, backend, base_kind):
     assert torch.equal(y.isinf(), expected.isinf()), "Inf pattern differs"
     assert torch.equal(y[y.isinf()], expected[expected.isinf()])
     assert_close(y, expected)
+
+
+@pytest.mark.skipif("avx512bf16" not in ISAS, reason="no AVX512-BF16 on this CPU")
+@pytest.mark.parametrize("base_kind", ("dense", "asym", "nf4"))
+def test_bf16_kernels_deep_wide_ragged(backend, monkeypatch, base_kind):
+    """The vdpbf16ps kernels past one 2048-deep panel (forward K, backward N), with odd
+    K (dense), N not a multiple of 64, ragged ranks, -1 rows, row streaming and panel."""
+    monkeypatch.setattr(cpu, "BF16_DECODE_MAX_ROWS", 0)
+    previous = cpu.isa()
+    cpu.set_isa("avx512bf16")
+    try:
+        n, k = 2101, 2305 if base_kind == "dense" else 2304
+        w = torch.randn(n, k)
+        base = (w.bfloat16() if base_kind == "dense"
+                else lorart.quantize(w, 128, base_kind, torch.float16))
+        ranks = [3, 16, 1, 8]
+        stack = AdapterStack.from_list([(torch.randn(r, k).bfloat16(),
+                                         torch.randn(n, r).bfloat16(), 0.5 + s)
+                                        for s, r in enumerate(ranks)])
+        lora = LoRAArgs(stack.a, stack.b, stack.rank_offsets_list, stack.scales.tolist())
+        bias = torch.randn(n).bfloat16()
+        for m in (5, 53):  # row streaming, panel GEMM (6-row tiles with a tail)
+            x, dy = torch.randn(m, k).bfloat16(), torch.randn(m, n).bfloat16()
+            ids = _ids("skewed", m, len(ranks))
+            y, expected = _forward_both(backend, x, base, bias, lora, ids)
+            assert_close(y, expected, torch.bfloat16, what=f"forward m={m}")
+            got = backend.backward(dy, x, base, lora, ids, True, True)
+            want = reference.lora_backward(dy, x, base, lora.a, lora.b, lora.rank_offsets,
+                                           lora.scales, ids)
+            for name, g, e in zip(("dx", "da", "db"), got, want):
+                assert_close(g, e, torch.bfloat16, what=f"{name} m={m}")
+    finally:
+        cpu.set_isa(previous)
 
 
 # --------------------------------------------------------------------------- backward

@@ -1,6 +1,7 @@
 // The CPU backend's plain-C boundary: argument structs filled by module.cpp from the
 // pointers, sizes and strides the Python wrapper passes, and one table of kernels per
-// instruction set (isa_scalar.cpp, isa_avx2.cpp, isa_avx512.cpp), chosen at run time.
+// instruction set (isa_scalar.cpp, isa_avx2.cpp, isa_avx512.cpp, isa_avx512bf16.cpp),
+// chosen at run time.
 #pragma once
 
 #include <cstdint>
@@ -78,6 +79,8 @@ struct KernelTable {
 const KernelTable* kernels_scalar();
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_avx512();
+// avx512 plus AVX512-BF16 (vdpbf16ps) GEMMs for bfloat16 x; everything else as avx512.
+const KernelTable* kernels_avx512bf16();
 
 }  // namespace cpu
 }  // namespace lorart

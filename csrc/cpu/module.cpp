@@ -28,17 +28,23 @@ using lorart::cpu::KernelTable;
 
 namespace {
 
+// Every -m flag an ISA's TU is compiled with (CMakeLists.txt) has its run-time check here:
+// a CPU with avx512f but without, say, avx512dq must not run code the compiler was allowed
+// to emit dq instructions into.
 bool machine_has(const std::string& isa) {
   if (isa == "scalar") return lorart::cpu::kernels_scalar() != nullptr;
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  if (isa == "avx2") {
-    return lorart::cpu::kernels_avx2() != nullptr && __builtin_cpu_supports("avx2") &&
-           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }
-  if (isa == "avx512") {
-    return lorart::cpu::kernels_avx512() != nullptr && __builtin_cpu_supports("avx512f") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("f16c");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq");
+  if (isa == "avx2") return lorart::cpu::kernels_avx2() != nullptr && avx2;
+  if (isa == "avx512") return lorart::cpu::kernels_avx512() != nullptr && avx512;
+  if (isa == "avx512bf16") {
+    return lorart::cpu::kernels_avx512bf16() != nullptr && avx512 &&
+           __builtin_cpu_supports("avx512bf16");
   }
 #endif
   return false;
@@ -48,12 +54,13 @@ const KernelTable* table_for(const std::string& isa) {
   if (isa == "scalar") return lorart::cpu::kernels_scalar();
   if (isa == "avx2") return lorart::cpu::kernels_avx2();
   if (isa == "avx512") return lorart::cpu::kernels_avx512();
+  if (isa == "avx512bf16") return lorart::cpu::kernels_avx512bf16();
   return nullptr;
 }
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
-  for (const char* isa : {"avx512", "avx2", "scalar"})
+  for (const char* isa : {"avx512bf16", "avx512", "avx2", "scalar"})
     if (machine_has(isa)) out.emplace_back(isa);
   return out;
 }
@@ -76,8 +83,9 @@ std::atomic<const KernelTable*>& active() {
 }
 
 void set_isa(const std::string& isa) {
-  if (isa != "scalar" && isa != "avx2" && isa != "avx512")
-    throw std::invalid_argument("isa must be 'scalar', 'avx2' or 'avx512', got '" + isa + "'");
+  if (isa != "scalar" && isa != "avx2" && isa != "avx512" && isa != "avx512bf16")
+    throw std::invalid_argument("isa must be 'scalar', 'avx2', 'avx512' or 'avx512bf16', got '" +
+                                isa + "'");
   if (!machine_has(isa)) throw std::invalid_argument("isa '" + isa + "' is not available here");
   active().store(table_for(isa));
 }
@@ -258,7 +266,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_backward", &backward, "Fused LoRA backward for a frozen base");
   m.def("cpu_dequantize", &dequantize, "Rows of a 4-bit W, dequantized");
   m.def("cpu_lora_add", &lora_add, "y += LoRA(x) for y = x W^T + bias");
-  m.def("set_isa", &set_isa, py::arg("isa"), "Force 'scalar', 'avx2' or 'avx512' kernels");
+  m.def("set_isa", &set_isa, py::arg("isa"),
+        "Force 'scalar', 'avx2', 'avx512' or 'avx512bf16' kernels");
   m.def("isa", []() { return std::string(active().load()->name); }, "The ISA in use");
   m.def("available_isas", &available_isas, "ISAs this build and CPU support, best first");
   m.def("stream_sum", &stream_sum, "Bandwidth probe: sum of count float32 at data");

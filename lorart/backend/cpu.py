@@ -43,6 +43,14 @@ _DENSE = -1
 #   gemm,   1 thread   5.1 ms   5.3 ms   5.4 ms  10.2 ms
 DECODE_MAX_ROWS = 20
 
+# Kernel tables with AVX512-BF16 (vdpbf16ps) kernels for bfloat16 x (csrc/cpu/
+# isa_avx512bf16.cpp): with one of them, bf16 never goes to torch's GEMM (the two
+# LIBRARY constants below apply only without), and rows above BF16_DECODE_MAX_ROWS run
+# the bf16 row-streaming kernel, from its kPanelMinRows (48) rows the panel GEMM.
+# Measured: see benchmarks/RESULTS.md "CPU BF16 kernels".
+BF16_KERNEL_ISAS = ("avx512bf16",)
+BF16_DECODE_MAX_ROWS = 4
+
 # bfloat16 with at least this many rows and a 4-bit base: W is dequantized to bf16 (C++,
 # SIMD) and multiplied by torch's bf16 GEMM (oneDNN, AVX512-BF16), then the C++ LoRA
 # epilogue is added. torch's bf16 GEMM ran ~920 GFLOP/s here against ~330 for the fp32
@@ -133,10 +141,10 @@ def _forward_impl(
     n = weight.shape[0]
     if m == 0 or n == 0:
         return torch.empty((m, n), dtype=x.dtype)
-    if scheme != _DENSE and x.dtype == torch.bfloat16 and m >= LIBRARY_GEMM_MIN_ROWS:
+    if _library_gemm(x.dtype, scheme, m) and scheme != _DENSE:
         return _forward_library(x, weight, scales, offsets, scheme, group_size, bias, a, b,
                                 rank_offsets, lora_scales, adapter_ids)
-    if scheme == _DENSE and x.dtype == torch.bfloat16 and m >= DENSE_LIBRARY_GEMM_MIN_ROWS:
+    if _library_gemm(x.dtype, scheme, m):
         y = torch.nn.functional.linear(x, weight, bias).contiguous()
         return _add_lora(y, x, a, b, rank_offsets, lora_scales, adapter_ids)
     y = torch.empty((m, n), dtype=x.dtype)
@@ -151,6 +159,21 @@ def _forward_impl(
                    _ptr(bias), _ptr(a), _ptr(b), 0 if b is None else b.shape[1],
                    rank_offsets, lora_scales, _ptr(ids), _ptr(y), n, decode_max_rows)
     return y
+
+
+def _decode_max_rows(dtype: torch.dtype) -> int:
+    """Rows up to which the forward runs the streaming decode GEMV (fp32 FMA)."""
+    if dtype == torch.bfloat16 and _ISA["active"] in BF16_KERNEL_ISAS:
+        return BF16_DECODE_MAX_ROWS
+    return DECODE_MAX_ROWS
+
+
+def _library_gemm(dtype: torch.dtype, scheme: int, m: int) -> bool:
+    """Whether torch's bf16 GEMM (plus the C++ LoRA epilogue) beats the fused kernels:
+    only without AVX512-BF16 kernels (see BF16_KERNEL_ISAS)."""
+    if dtype != torch.bfloat16 or _ISA["active"] in BF16_KERNEL_ISAS:
+        return False
+    return m >= (DENSE_LIBRARY_GEMM_MIN_ROWS if scheme == _DENSE else LIBRARY_GEMM_MIN_ROWS)
 
 
 def _forward_library(x, weight, scales, offsets, scheme, group_size, bias, a, b, rank_offsets,
@@ -326,7 +349,7 @@ class CpuBackend(Backend):
         op = torch.ops.lorart.cpu_lora_forward if torch.compiler.is_compiling() else _forward_impl
         return op(
             x, weight, scales, offsets, scheme, group_size, bias, a, b, rank_offsets,
-            lora_scales, adapter_ids, DECODE_MAX_ROWS)
+            lora_scales, adapter_ids, _decode_max_rows(x.dtype))
 
     def backward(self, dy, x, base, lora, adapter_ids, need_dx, need_dlora, segments=None):
         weight, scales, offsets, scheme, group_size = _base_parts(base)

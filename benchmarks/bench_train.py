@@ -14,6 +14,8 @@ Variants, each in a fresh subprocess (so memory numbers do not mix):
                   parameters stay float32 (lorart casts them per call, PEFT casts its input)
     *-ckpt        with activation checkpointing of every decoder layer (PEFT: transformers'
                   non-reentrant checkpointing; lorart: ``lorart.train.checkpoint_layers``)
+    *-ckpt-mlp    lorart only: selective checkpointing of the MLP (``-ckpt-attn``: the
+                  attention block) of every decoder layer
 
 lorart is set up exactly as ``lorart train`` / ``LoRATrainer`` do it
 (``lorart.train.prepare_for_training``: frozen weights in the compute dtype, lean
@@ -86,8 +88,12 @@ def _load(variant: str, rank: int):
     import lorart
     import lorart.train
 
-    ckpt = variant.endswith("-ckpt")
-    variant = variant.removesuffix("-ckpt")
+    ckpt = False  # "-ckpt": every decoder layer; "-ckpt-mlp" / "-ckpt-attn": that block only
+    for block in ("-ckpt-mlp", "-ckpt-attn", "-ckpt"):
+        if variant.endswith(block):
+            ckpt = block.removeprefix("-ckpt-") if block != "-ckpt" else True
+            variant = variant.removesuffix(block)
+            break
     bf16 = variant.endswith("-bf16")
     variant = variant.removesuffix("-bf16")
     if variant == "lorart-4bit":
@@ -111,7 +117,7 @@ def _load(variant: str, rank: int):
             for p in model.parameters():
                 if not p.requires_grad and p.is_floating_point():
                     p.data = p.data.to(torch.bfloat16)
-        if ckpt:
+        if ckpt:  # transformers' checkpointing: every layer (no block choice)
             from lorart.train.trainer import enable_checkpointing
 
             enable_checkpointing(model)
@@ -310,8 +316,11 @@ def main() -> int:
     by_name = {r["variant"]: r for r in results}
     if args.curve:
         _report_curves(results, args.plot)
-    for suffix in ("", "-ckpt", "-bf16", "-bf16-ckpt"):
-        a, b = by_name.get("lorart-4bit" + suffix), by_name.get("peft-float" + suffix)
+    pairs = [("lorart-4bit" + s, "peft-float" + s) for s in ("", "-ckpt", "-bf16", "-bf16-ckpt")]
+    pairs += [("lorart-4bit-bf16" + s, "peft-float-bf16") for s in ("-ckpt", "-ckpt-mlp",
+                                                                     "-ckpt-attn")]
+    for name_a, name_b in pairs:
+        a, b = by_name.get(name_a), by_name.get(name_b)
         if a is None or b is None or args.curve:
             continue
         print(f"\n{a['variant']} vs {b['variant']}: step time {a['step_s_median']:.2f} s vs "

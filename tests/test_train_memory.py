@@ -4,6 +4,7 @@ float64 reference, selective checkpointing keeping per-row adapters through reco
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -218,3 +219,32 @@ def test_hf_forward_fused_loss_matches_transformers_loss(num_items):
     assert_close(got[0][0], got[1][0], torch.float32)
     for g0, g1 in zip(got[0][1], got[1][1]):
         assert_close(g0, g1, torch.float32)
+
+
+def test_recomputed_outputs_give_identical_grads_and_are_not_kept(monkeypatch):
+    """recompute_cheap_outputs: the norm / SiLU·mul outputs saved by the next linear
+    layers become recipes; the gradients are bit-identical to keeping them."""
+    from lorart.train import memory
+
+    names = ["a"]
+    batch = random_batch(["a"] * 3, t=12)
+    model, _ = tiny_llama()
+    add(model, names)
+    lorart.train.freeze_all_but_adapters(model, names)
+    prepare_for_training(model, "bfloat16")
+    model.train()
+    packed = []
+    pack = memory._pack
+    monkeypatch.setattr(memory, "_pack", lambda t: packed.append(pack(t)) or packed[-1])
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        with memory.recompute_cheap_outputs() if recompute else contextlib.nullcontext():
+            losses, _ = response_losses(model, batch)
+        losses.mean().backward()
+        grads.append([p.grad.clone() for p in lora_parameters(model, "a")])
+    # 2 layers x (q_proj and v_proj save the norm's output, down_proj the SiLU·mul output:
+    # the layers with LoRA, which save their input for dA)
+    assert sum(isinstance(p, memory._Recipe) for p in packed) >= 2 * 3
+    for g0, g1 in zip(*grads):
+        assert torch.equal(g0, g1)

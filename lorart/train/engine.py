@@ -35,6 +35,7 @@ from torch import nn
 from ..losses import head_weight, linear_cross_entropy
 from ..patch import patch_state, set_adapter
 from .data import IGNORE_INDEX, Batch
+from .memory import recompute_cheap_outputs
 
 
 @dataclass
@@ -220,7 +221,8 @@ def train_step(model: nn.Module, batch: Batch, optimizer: AdapterOptimizer,
     else:
         ctx = adapter_rows(model, names)
     with ctx:  # backward inside: activation checkpointing re-runs forwards during it
-        losses, rows = response_losses(model, batch)
+        with recompute_cheap_outputs():
+            losses, rows = response_losses(model, batch)
         loss, per = adapter_loss(losses, rows, names)
         loss.backward()
     optimizer.clip(max_grad_norm)

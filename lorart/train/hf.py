@@ -41,7 +41,7 @@ from ..patch import set_adapter
 from .checkpoint import save_peft_adapter
 from .data import IGNORE_INDEX, Example, collate
 from .engine import freeze_all_but_adapters, fusable_head, split_decoder
-from .memory import Handle, lean_activations
+from .memory import Handle, lean_activations, recompute_cheap_outputs
 
 
 def prepare_for_hf_trainer(model: nn.Module, adapter_names: Sequence[str],
@@ -89,8 +89,9 @@ def _fused_loss_forward(model: nn.Module):
 
         kwargs.pop("use_cache", None)
         kwargs.pop("logits_to_keep", None)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                         **kwargs).last_hidden_state  # [B, T, H]
+        with recompute_cheap_outputs():
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                             use_cache=False, **kwargs).last_hidden_state  # [B, T, H]
         targets = labels[:, 1:].to(hidden.device)
         total = linear_cross_entropy(hidden[:, :-1], head, targets, reduction="sum")
         count = num_items_in_batch

@@ -12,6 +12,9 @@ What autograd keeps per decoder layer for a bf16 model, and what these change:
   and recomputes the rest in the backward (same arithmetic as transformers' forward).
 - ``LlamaMLP``'s ``act(gate(x)) * up(x)`` saves gate, act(gate) and up (3 × 1536 per
   token in SmolLM2); :class:`SiluMulFunction` saves gate and up and recomputes SiLU.
+- Inside :func:`recompute_cheap_outputs` the *outputs* of those two (which the next
+  linear layers save as their inputs) are not kept either: they are recomputed from
+  the tensors the two functions keep anyway when the backward needs them.
 - Checkpointing: :func:`checkpoint_layers` re-runs chosen blocks (whole decoder layers,
   or only their MLP or attention) in the backward, for any subset of layers. The
   per-row adapters of the forward (``adapter_names=``) are captured at forward time
@@ -27,6 +30,8 @@ saves no ``[T, T]`` probabilities.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -83,7 +88,9 @@ class RMSNormFunction(torch.autograd.Function):
 
 def _norm_forward(norm: nn.Module):
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        return RMSNormFunction.apply(hidden_states, norm.weight, norm.variance_epsilon)
+        y = RMSNormFunction.apply(hidden_states, norm.weight, norm.variance_epsilon)
+        _register(y, RMSNormFunction.apply, hidden_states, norm.weight, norm.variance_epsilon)
+        return y
 
     return forward
 
@@ -110,9 +117,68 @@ class SiluMulFunction(torch.autograd.Function):
 
 def _mlp_forward(mlp: nn.Module):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return mlp.down_proj(SiluMulFunction.apply(mlp.gate_proj(x), mlp.up_proj(x)))
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        h = SiluMulFunction.apply(gate, up)
+        _register(h, SiluMulFunction.apply, gate, up)
+        return mlp.down_proj(h)
 
     return forward
+
+
+# --------------------------------------------------------------------------- recompute
+# Inside ``recompute_cheap_outputs()``, a tensor that autograd saves and that is (a view
+# of) a registered RMSNorm or SiLU·mul output is stored as a recipe over the inputs those
+# functions keep anyway, and recomputed (bit for bit, same ops) when the backward needs
+# it: the next layers' saved copies of these outputs (q/k/v and gate/up inputs, the
+# down projection's input) cost no memory. Entries are keyed by storage, weakly.
+_RECOMPUTE: list[dict] = []
+
+
+def _register(y: torch.Tensor, fn, *inputs) -> None:
+    if _RECOMPUTE and torch.is_grad_enabled():
+        inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs)
+        _RECOMPUTE[-1][y.untyped_storage().data_ptr()] = [weakref.ref(y), fn, inputs, None]
+
+
+class _Recipe:
+    __slots__ = ("entry", "shape", "stride", "offset")
+
+    def __init__(self, entry, t: torch.Tensor) -> None:
+        self.entry, self.shape, self.stride, self.offset = (
+            entry, t.shape, t.stride(), t.storage_offset())
+
+    def materialize(self) -> torch.Tensor:
+        _, fn, inputs, cached = self.entry
+        if cached is None:  # q, k and v (gate and up) share one recomputation
+            with torch.no_grad():
+                cached = self.entry[3] = fn(*inputs)
+        return cached.as_strided(self.shape, self.stride, self.offset)
+
+
+def _pack(t: torch.Tensor):
+    entry = _RECOMPUTE[-1].get(t.untyped_storage().data_ptr()) if _RECOMPUTE else None
+    if entry is None:
+        return t
+    y = entry[0]()
+    if y is None or y.dtype != t.dtype:
+        return t
+    return _Recipe(entry, t)
+
+
+def _unpack(packed):
+    return packed.materialize() if isinstance(packed, _Recipe) else packed
+
+
+@contextlib.contextmanager
+def recompute_cheap_outputs():
+    """Forwards inside the block store lean RMSNorm / SwiGLU outputs as recipes (see
+    above). Wrap the forward only; the backward may run after the block."""
+    _RECOMPUTE.append({})
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _RECOMPUTE.pop()
 
 
 def _is_silu(act: nn.Module) -> bool:
@@ -242,4 +308,4 @@ class _CheckpointHandle(Handle):
 
 
 __all__ = ["BLOCKS", "Handle", "RMSNormFunction", "SiluMulFunction", "checkpoint_layers",
-           "decoder_layers", "lean_activations"]
+           "decoder_layers", "lean_activations", "recompute_cheap_outputs"]

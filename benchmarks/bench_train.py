@@ -41,6 +41,7 @@ average is recorded: on a shared machine the times are only comparable within on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -179,7 +180,7 @@ def run_variant(variant: str, rank: int, batch: int, seq: int, steps: int, warmu
                 profile: bool = False, curve: int = 0) -> dict:
     """One variant in this process; returns its measurements."""
 
-    from lorart.train import response_losses
+    from lorart.train import recompute_cheap_outputs, response_losses
 
     rss_imports = _status_kb("VmRSS")
     model, params, opt = _load(variant, rank)
@@ -195,7 +196,8 @@ def run_variant(variant: str, rank: int, batch: int, seq: int, steps: int, warmu
         data = batches(i)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        losses, _ = response_losses(model, data, fused=fused)
+        with recompute_cheap_outputs() if fused else contextlib.nullcontext():
+            losses, _ = response_losses(model, data, fused=fused)  # as lorart.train's step
         loss = losses.mean()
         t1 = time.perf_counter()
         loss.backward()

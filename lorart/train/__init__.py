@@ -31,7 +31,7 @@ from .hf import (
     prepare_for_hf_trainer,
     restore_hf_model,
 )
-from .memory import checkpoint_layers, lean_activations
+from .memory import checkpoint_layers, lean_activations, recompute_cheap_outputs
 from .trainer import (
     LoRATrainer,
     TrainConfig,
@@ -69,6 +69,7 @@ __all__ = [
     "prepare_for_hf_trainer",
     "prepare_for_training",
     "read_jsonl",
+    "recompute_cheap_outputs",
     "resolve_compute_dtype",
     "response_losses",
     "restore_hf_model",

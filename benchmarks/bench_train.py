@@ -34,8 +34,10 @@ Memory (Linux /proc): ``model_mb`` = RSS after loading minus RSS after imports;
 ``train_peak_mb`` = peak RSS during the timed steps (VmHWM after resetting it with
 ``/proc/self/clear_refs``) minus RSS after imports, i.e. weights + activations +
 gradients + optimizer state, without the loader's transient buffers. Time: median and
-min/max of per-step wall time after ``--warmup`` untimed steps. The machine's load
-average is recorded: on a shared machine the times are only comparable within one run.
+min/max of per-step wall time after ``--warmup`` untimed steps, and the median CPU time
+of the process per step (``step_cpu_s_median``): with ``--threads 1`` on a shared,
+oversubscribed machine that is the comparable number (the wall time then mostly measures
+the other processes' load). The machine's load average is recorded.
 """
 
 from __future__ import annotations
@@ -216,11 +218,12 @@ def run_variant(variant: str, rank: int, batch: int, seq: int, steps: int, warmu
     for k in phases:
         phases[k].clear()
     _reset_peak()
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for i in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses.append(step(i))
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     peak = _status_kb("VmHWM")
     extra = {"phases_s_median": {k: statistics.median(v) for k, v in phases.items()}}
     if profile:
@@ -229,6 +232,7 @@ def run_variant(variant: str, rank: int, batch: int, seq: int, steps: int, warmu
         "variant": variant,
         "step_s_median": statistics.median(times),
         "step_s_min": min(times),
+        "step_cpu_s_median": statistics.median(cpu_times),
         "step_s_max": max(times),
         "tokens_per_s": batch * seq / statistics.median(times),
         "model_mb": (rss_model - rss_imports) / 1024,
@@ -325,7 +329,10 @@ def main() -> int:
         a, b = by_name.get(name_a), by_name.get(name_b)
         if a is None or b is None or args.curve:
             continue
-        print(f"\n{a['variant']} vs {b['variant']}: step time {a['step_s_median']:.2f} s vs "
+        print(f"\n{a['variant']} vs {b['variant']}: CPU time per step "
+              f"{a['step_cpu_s_median']:.2f} s vs {b['step_cpu_s_median']:.2f} s "
+              f"({b['step_cpu_s_median'] / a['step_cpu_s_median']:.2f}x); "
+              f"step time {a['step_s_median']:.2f} s vs "
               f"{b['step_s_median']:.2f} s ({b['step_s_median'] / a['step_s_median']:.2f}x "
               f"faster); training peak RSS {a['train_peak_mb']:.0f} MB vs "
               f"{b['train_peak_mb']:.0f} MB ({a['train_peak_mb'] / b['train_peak_mb']:.2f}x); "

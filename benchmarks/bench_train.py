@@ -272,6 +272,9 @@ def main() -> int:
     p.add_argument("--variants", default="lorart-4bit,peft-float")
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--profile", action="store_true", help="phase times + top operators")
+    p.add_argument("--return-freed-memory", action="store_true",
+                   help="glibc returns freed blocks to the OS, so peak RSS follows the live "
+                        "tensors instead of what the heap kept from earlier steps")
     p.add_argument("--curve", type=int, default=0, metavar="N",
                    help="train N steps on pirate.jsonl and record the loss curve instead")
     p.add_argument("--plot", default=None, help="with --curve: write the curves' PNG here")
@@ -299,6 +302,8 @@ def main() -> int:
         "shape": f"rank {args.rank}, all linear, batch {args.batch} x {args.seq} tokens",
     }
     env = dict(os.environ)
+    if args.return_freed_memory:  # glibc: mmap every block >= 64 KiB, give it back on free
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     results = []

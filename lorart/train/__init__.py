@@ -3,6 +3,7 @@
     lorart.train.data        JSONL prompt/response -> chat-templated ids, loss on the response
     lorart.train.engine      one step for many adapters at once (per-adapter loss and AdamW group)
     lorart.train.trainer     TrainConfig, LoRATrainer (loop, tqdm, checkpoints), train()
+    lorart.train.memory      lean RMSNorm/SwiGLU activations, selective checkpointing
     lorart.train.checkpoint  resumable checkpoints; PEFT adapter files
     lorart.train.hf          transformers.Trainer integration
 
@@ -23,8 +24,23 @@ from .engine import (
     response_losses,
     train_step,
 )
-from .hf import HFCollator, SaveAdaptersCallback, hf_dataset, prepare_for_hf_trainer
-from .trainer import LoRATrainer, TrainConfig, load_base, train
+from .hf import (
+    HFCollator,
+    SaveAdaptersCallback,
+    hf_dataset,
+    prepare_for_hf_trainer,
+    restore_hf_model,
+)
+from .memory import checkpoint_layers, lean_activations, recompute_cheap_outputs
+from .trainer import (
+    LoRATrainer,
+    TrainConfig,
+    cast_frozen,
+    load_base,
+    prepare_for_training,
+    resolve_compute_dtype,
+    train,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -38,18 +54,25 @@ __all__ = [
     "TrainConfig",
     "adapter_loss",
     "adapter_rows",
+    "cast_frozen",
+    "checkpoint_layers",
     "collate",
     "encode",
     "freeze_all_but_adapters",
     "hf_dataset",
     "latest_checkpoint",
+    "lean_activations",
     "load_base",
     "load_checkpoint",
     "load_examples",
     "lora_parameters",
     "prepare_for_hf_trainer",
+    "prepare_for_training",
     "read_jsonl",
+    "recompute_cheap_outputs",
+    "resolve_compute_dtype",
     "response_losses",
+    "restore_hf_model",
     "save_peft_adapter",
     "train",
     "train_step",

@@ -14,9 +14,11 @@ out of the loss. The optimizer is one AdamW with one param group per adapter, an
 gradient clipping is per group, so nothing couples adapters: each has its own
 moments, learning rate and clip.
 
-Logits are computed only at positions that carry a label (the output layer is the
-largest matmul of a small model: SmolLM2's 576×49152), by running the decoder and
-the output layer separately.
+The loss is computed only at positions that carry a label, by running the decoder
+alone and then ``lorart.losses.linear_cross_entropy`` on the labelled hidden states:
+the output layer (the largest matmul of a small model: SmolLM2's 576×49152) and the
+cross-entropy fused in chunks of rows, forward and backward, so the ``[tokens,
+vocab]`` logits never exist (see ``lorart/losses.py``).
 """
 
 from __future__ import annotations
@@ -30,14 +32,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..losses import head_weight, linear_cross_entropy
 from ..patch import patch_state, route, set_adapter
 from .data import IGNORE_INDEX, Batch
+from .memory import recompute_cheap_outputs
 
 
 @dataclass
 class StepResult:
-    """What one optimizer step did: ``loss`` (the summed per-adapter means, a float),
-    ``adapter_losses`` ``{name: mean response-token loss}``, ``tokens`` (non-pad tokens)."""
+    """What one optimizer step did: ``loss`` (the mean over adapters of their mean
+    response-token losses, a float: what a progress bar shows), ``adapter_losses``
+    ``{name: mean response-token loss}``, ``tokens`` (non-pad tokens).
+
+    (The objective differentiated is the *sum* of the adapters' means, so each adapter's
+    gradient is that of its own mean loss whatever else is in the batch.)"""
 
     loss: float
     adapter_losses: dict[str, float] = field(default_factory=dict)
@@ -96,20 +104,36 @@ def split_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return decoder, head
 
 
-def response_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def response_losses(model: nn.Module, batch: Batch, fused: bool = True,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy on labelled positions only.
 
-    Returns ``(losses [P], rows [P])``: the loss of each of the P labelled tokens (label
-    at t+1 predicted from position t) and the batch row it belongs to.
+    Returns ``(losses [P], rows [P])``: the float32 loss of each of the P labelled tokens
+    (label at t+1 predicted from position t) and the batch row it belongs to.
+    ``fused=True`` runs the output layer and the loss chunk by chunk
+    (:func:`lorart.losses.linear_cross_entropy`); an output layer that applies LoRA
+    itself, or ``fused=False``, makes the ``[P, V]`` logits and calls ``cross_entropy``.
     """
     decoder, head = split_decoder(model)
     hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                      use_cache=False).last_hidden_state  # [B, T, H]
     targets = batch.labels[:, 1:]
     pos = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # (rows [P], t [P])
-    logits = head(hidden[:, :-1][pos])  # [P, V]
+    labelled = hidden[:, :-1][pos]  # [P, H]
+    if fused and fusable_head(head):
+        return linear_cross_entropy(labelled, head, targets[pos]), pos[0]
+    logits = head(labelled)  # [P, V]
     losses = nn.functional.cross_entropy(logits.float(), targets[pos], reduction="none")
     return losses, pos[0]
+
+
+def fusable_head(head: nn.Module) -> bool:
+    """Whether ``head`` can run in :func:`lorart.losses.linear_cross_entropy` (no LoRA on it)."""
+    try:
+        head_weight(head)
+    except TypeError:  # e.g. LoRA on the output layer
+        return False
+    return True
 
 
 def adapter_loss(losses: torch.Tensor, rows: torch.Tensor, names: Sequence[str | None],
@@ -192,14 +216,15 @@ def train_step(model: nn.Module, batch: Batch, optimizer: AdapterOptimizer,
     else:
         ctx = adapter_rows(model, names)
     with ctx:  # backward inside: activation checkpointing re-runs forwards during it
-        losses, rows = response_losses(model, batch)
+        with recompute_cheap_outputs():
+            losses, rows = response_losses(model, batch)
         loss, per = adapter_loss(losses, rows, names)
         loss.backward()
     optimizer.clip(max_grad_norm)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return StepResult(float(loss.detach()), per, batch.num_tokens)
+    return StepResult(sum(per.values()) / len(per), per, batch.num_tokens)
 
 
 def rng_state() -> dict:

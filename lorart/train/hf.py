@@ -11,8 +11,15 @@
     trainer.train()
     lorart.save_adapter(model, "out/pirate", "pirate")
 
-The model's own loss (``labels=`` in ``forward``) is used: the mean over all
-response tokens of the batch. With several adapters, the collator passes
+The model's loss (``labels=`` in ``forward``) is the mean over all response tokens of
+the batch (over ``num_items_in_batch`` when the Trainer passes it, as transformers
+does). ``prepare_for_hf_trainer`` makes it the fused output layer + cross-entropy
+(``lorart.losses``: no ``[tokens, vocab]`` logits; the output then has ``logits=None``
+when ``labels`` are given) and installs the lean RMSNorm/SwiGLU activations of
+``lorart.train.memory``; ``restore_hf_model`` undoes both. For selective activation
+checkpointing call ``lorart.train.checkpoint_layers(model, ...)`` instead of the
+Trainer's ``gradient_checkpointing=True`` (which checkpoints every layer); it keeps
+mixed-batch adapters through the recomputation. With several adapters, the collator passes
 ``adapter_names`` (one per row), which ``lorart.patch``'s forward hook consumes, so
 mixed batches train every adapter; the Trainer's single optimizer then sees every
 adapter's parameters (use ``lorart.train.LoRATrainer`` for per-adapter groups and a
@@ -26,20 +33,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from ..losses import linear_cross_entropy
 from ..patch import set_adapter
 from .checkpoint import save_peft_adapter
-from .data import Example, collate
-from .engine import freeze_all_but_adapters
+from .data import IGNORE_INDEX, Example, collate
+from .engine import freeze_all_but_adapters, fusable_head, split_decoder
+from .memory import Handle, lean_activations, recompute_cheap_outputs
 
 
-def prepare_for_hf_trainer(model: nn.Module, adapter_names: Sequence[str]) -> int:
+def prepare_for_hf_trainer(model: nn.Module, adapter_names: Sequence[str],
+                           fused_loss: bool = True, lean: bool = True) -> int:
     """Make ``transformers.Trainer`` train only the LoRA weights of ``adapter_names``.
 
     Freezes every other parameter (the Trainer's optimizer takes parameters with
     ``requires_grad``), makes the first adapter active for rows without per-row names,
-    and turns off the KV cache. Returns the number of trainable parameters.
+    and turns off the KV cache. ``fused_loss``/``lean``: see the module doc. Returns
+    the number of trainable parameters.
     """
     if isinstance(adapter_names, str):
         adapter_names = [adapter_names]
@@ -47,7 +59,49 @@ def prepare_for_hf_trainer(model: nn.Module, adapter_names: Sequence[str]) -> in
     set_adapter(model, adapter_names[0])
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
+    if lean:
+        lean_activations(model)
+    if fused_loss and "forward" not in model.__dict__:
+        model.forward = _fused_loss_forward(model)
     return n
+
+
+def restore_hf_model(model: nn.Module) -> None:
+    """Undo :func:`prepare_for_hf_trainer`'s forward changes (not the freezing)."""
+    Handle(list(model.modules())).remove()
+
+
+def _fused_loss_forward(model: nn.Module):
+    """``model.forward`` computing ``loss`` with the fused output layer + cross-entropy
+    when ``labels`` are given (transformers' causal-LM loss: labels shifted by one,
+    summed over response tokens, divided by ``num_items_in_batch`` or their count)."""
+    original = model.forward  # the class's forward, bound
+
+    def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None,
+                **kwargs):
+        decoder, head = split_decoder(model)
+        if labels is None or not fusable_head(head) or kwargs.get("return_dict") is False:
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return original(input_ids=input_ids, attention_mask=attention_mask,
+                            labels=labels, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        kwargs.pop("use_cache", None)
+        kwargs.pop("logits_to_keep", None)
+        with recompute_cheap_outputs():
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                             use_cache=False, **kwargs).last_hidden_state  # [B, T, H]
+        targets = labels[:, 1:].to(hidden.device)
+        total = linear_cross_entropy(hidden[:, :-1], head, targets, reduction="sum")
+        count = num_items_in_batch
+        if count is None:
+            count = (targets != IGNORE_INDEX).sum()
+        if isinstance(count, torch.Tensor):
+            count = count.to(total.device)
+        return CausalLMOutputWithPast(loss=total / count, logits=None)
+
+    return forward
 
 
 def hf_dataset(examples: Sequence[Example]) -> list[dict]:

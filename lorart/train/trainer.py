@@ -39,8 +39,10 @@ from .engine import (
     set_rng_state,
     train_step,
 )
+from .memory import BLOCKS, Handle, checkpoint_layers, lean_activations
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
+_COMPUTE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -50,9 +52,18 @@ class TrainConfig:
     ``data`` maps adapter name -> JSONL file of ``{"prompt", "response"}`` records.
     ``base`` is ``None`` for SmolLM2-135M-Instruct (4-bit GGUF via ``lorart.from_gguf``)
     or a transformers model name/path (loaded in float32, patched with 4-bit weights).
-    ``lora_alpha`` defaults to ``2 * rank``. ``gradient_checkpointing`` recomputes each
-    decoder layer's activations in backward (transformers' activation checkpointing):
-    far less memory for about one more forward of compute.
+    ``lora_alpha`` defaults to ``2 * rank``.
+
+    Memory and speed (see ``lorart.train.memory``; all on by default except checkpointing):
+    ``compute_dtype``: ``"auto"`` (bfloat16 where the device has native bf16 GEMMs, else
+    float32), ``"bfloat16"`` or ``"float32"``: the frozen float weights (embeddings,
+    norms, dense bases, output layer) are cast to it, so activations and the backward run
+    in it; the LoRA parameters and optimizer state stay float32 (QLoRA-style).
+    ``lean_activations``: RMSNorm and SwiGLU that save no float32 copies.
+    ``gradient_checkpointing``: ``False``, ``True`` (= ``"layer"``), ``"layer"``,
+    ``"mlp"`` or ``"attn"``: that block of every ``checkpoint_every``-th decoder layer
+    is recomputed in the backward (far less memory for up to one more forward).
+    The loss is always the fused output layer + cross-entropy (``lorart.losses``).
     """
 
     data: dict[str, str] = field(default_factory=dict)
@@ -74,7 +85,10 @@ class TrainConfig:
     save_dtype: str = "float32"
     system: str | None = None
     group_size: int | None = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False
+    checkpoint_every: int = 1
+    compute_dtype: str = "auto"
+    lean_activations: bool = True
 
     def __post_init__(self) -> None:
         for name, value in (("rank", self.rank), ("steps", self.steps),
@@ -86,6 +100,15 @@ class TrainConfig:
         if self.save_every < 0 or self.warmup_steps < 0:
             raise ValueError("save_every and warmup_steps must be >= 0")
         lr_lambda(self.lr_schedule, 0, 1)  # validates the schedule name
+        if self.compute_dtype not in _COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {list(_COMPUTE_DTYPES)}, got "
+                             f"{self.compute_dtype!r}")
+        if self.gradient_checkpointing not in (False, True, *BLOCKS):
+            raise ValueError(f"gradient_checkpointing must be a bool or one of {BLOCKS}, got "
+                             f"{self.gradient_checkpointing!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every must be a positive int, got "
+                             f"{self.checkpoint_every!r}")
 
     @property
     def alpha(self) -> float:
@@ -137,6 +160,69 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.config.use_cache = False
 
 
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` runs bfloat16 GEMMs natively (CUDA with bf16; a CPU whose oneDNN
+    has AVX512-BF16/AMX kernels), i.e. whether bf16 compute is the faster choice."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+def resolve_compute_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """``"auto"`` -> bfloat16 where :func:`native_bf16`, else float32; otherwise the named dtype."""
+    if name not in _COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {list(_COMPUTE_DTYPES)}, got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return _COMPUTE_DTYPES[name]
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast every frozen float parameter of ``model`` to ``dtype`` (trained ones, the LoRA
+    weights, stay as they are); returns how many were cast. Packed 4-bit buffers and
+    float32 buffers (rotary frequencies) are untouched."""
+    n = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
+def prepare_for_training(model: nn.Module, compute_dtype: str = "auto", lean: bool = True,
+                         gradient_checkpointing: bool | str = False,
+                         checkpoint_every: int = 1) -> Handle:
+    """Set up a model whose adapters are already trainable (and the rest frozen) for
+    lorart's training step: frozen weights in the compute dtype, lean activations,
+    optional selective checkpointing, no KV cache. Returns a handle whose ``remove()``
+    undoes the module changes (not the dtype cast)."""
+    device = next(model.parameters()).device
+    cast_frozen(model, resolve_compute_dtype(compute_dtype, device))
+    handles = []
+    if lean:
+        handles.append(lean_activations(model))
+    if gradient_checkpointing:
+        block = "layer" if gradient_checkpointing is True else gradient_checkpointing
+        handles.append(checkpoint_layers(model, block, every=checkpoint_every))
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return _Handles(handles)
+
+
+class _Handles(Handle):
+    def __init__(self, handles: list[Handle]) -> None:
+        super().__init__([m for h in handles for m in h.modules])
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in reversed(self.handles):  # checkpoint wrappers before lean forwards
+            h.remove()
+        self.modules = []
+
+
 class LoRATrainer:
     """A plain torch training loop over lorart adapters (see module doc).
 
@@ -166,8 +252,9 @@ class LoRATrainer:
             raise ValueError("no example names an adapter (Example.adapter is None for all)")
         self._add_adapters()
         self.num_trainable = freeze_all_but_adapters(model, self.names)
-        if config.gradient_checkpointing:
-            enable_checkpointing(model)
+        self.handle = prepare_for_training(model, config.compute_dtype, config.lean_activations,
+                                           config.gradient_checkpointing,
+                                           config.checkpoint_every)
         torch.manual_seed(config.seed)
         self.optimizer = AdapterOptimizer(model, self.names, config.lr, config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -220,6 +307,7 @@ class LoRATrainer:
             tokens += r.tokens
             elapsed = time.perf_counter() - t0
             losses = " ".join(f"{n}={v:.3f}" for n, v in r.adapter_losses.items())
+            # r.loss: the mean of the adapters' losses (each shown too), not their sum
             bar.set_postfix_str(f"loss {r.loss:.3f} [{losses}] {tokens / elapsed:.0f} tok/s")
             bar.update(1)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:

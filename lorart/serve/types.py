@@ -117,7 +117,11 @@ class AdapterInfo:
 
 @dataclass
 class EngineMetrics:
-    """A snapshot of the engine's counters and gauges (see ``Engine.metrics``)."""
+    """A snapshot of the engine's counters and gauges (see ``Engine.metrics``).
+
+    ``adapter_loads_total``/``adapter_evictions_total`` count writes into / evictions
+    from the resident slots (what the kernels read); disk reads and host-tier evictions
+    have their own counters."""
 
     requests_total: dict[str, int] = field(default_factory=dict)
     prompt_tokens_total: int = 0
@@ -134,3 +138,5 @@ class EngineMetrics:
     step_seconds_total: float = 0.0
     step_seconds_last: float = 0.0
     preemptions_total: int = 0
+    adapter_disk_loads_total: int = 0      # disk -> host reads
+    adapter_host_evictions_total: int = 0  # host copies dropped (re-readable from disk)

@@ -58,6 +58,9 @@ def test_bad_requests_rejected_synchronously_engine_keeps_serving(model, tmp_pat
         (dict(prompt_token_ids=[3], adapter=[("good", 1.0), ("good", 2.0)]),
          errors.InvalidRequestError, "adapter"),
     ]
+    engine.submit(prompt_token_ids=[3], request_id="same", sampling=SamplingParams(max_tokens=1))
+    cases.append((dict(prompt_token_ids=[3], request_id="same"), errors.InvalidRequestError,
+                  "request_id"))
     for kwargs, exc, param in cases:
         with pytest.raises(exc) as info:
             engine.submit(**kwargs)

@@ -116,7 +116,7 @@ class EndToEndCase:
     """A whole model: ``generate`` (tokens/s with N adapters) or ``train`` (step time)."""
 
     name: str
-    task: str  # "generate" | "train"
+    task: str  # "generate" | "train" | "serve" (lorart.bench.serve: engine vs grouped PEFT)
     adapters: int = 1
     tokens: int = 16  # new tokens (generate) or sequence length (train)
     batch: int = 1
@@ -192,6 +192,7 @@ def _full_cases() -> list[Case]:
         EndToEndCase("smollm2-135m", "generate", adapters=1, tokens=32, batch=1),
         EndToEndCase("smollm2-135m", "generate", adapters=8, tokens=32, batch=8),
         EndToEndCase("smollm2-135m", "train", adapters=1, tokens=128, batch=4),
+        EndToEndCase("smollm2-135m", "serve", adapters=64, tokens=16, batch=32),
     ]
     return _dedupe(cases)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import e2e, roofline
+from . import e2e, roofline, serve
 from .cases import Case, EndToEndCase, LayerCase
 from .impls import BASE_ONLY, Impl, all_impls, forced_backend
 from .inputs import LayerInputs, make_inputs
@@ -68,7 +68,8 @@ def run(cases: list[Case], cfg: RunConfig) -> tuple[list[dict], dict, dict]:
         for case in cases:
             bar.set_postfix_str(case.id, refresh=True)
             if isinstance(case, EndToEndCase):
-                recs = e2e.run_case(case, cfg)
+                runner = serve.run_case if case.task == "serve" else e2e.run_case
+                recs = runner(case, cfg)
                 bar.update(1)
             else:
                 recs = _run_layer_case(case, impls, cfg, ceilings, bar, flush)

@@ -206,6 +206,11 @@ class Engine:
             if queued >= self.max_queue:
                 raise QueueFullError(f"{queued} requests are waiting (max_queue="
                                      f"{self.max_queue}); retry later", retry_after=1.0)
+            if request_id is not None and (not isinstance(request_id, str) or not request_id
+                                           or request_id in self._live):
+                raise InvalidRequestError(f"request_id must be a non-empty string not used by a "
+                                          f"live request, got {request_id!r}",
+                                          param="request_id")
             ref = self.pool.resolve(adapter)
         except EngineError:
             with self._lock:

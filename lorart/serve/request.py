@@ -146,6 +146,13 @@ class RequestHandle:
     def finished(self) -> bool:
         return self._done.is_set()
 
+    def poll(self) -> list[Delta]:
+        """The deltas that arrived since the last call, without waiting (may be empty)."""
+        with self._cond:
+            out = list(self._deltas)
+            self._deltas.clear()
+        return out
+
     def __iter__(self):
         while True:
             with self._cond:

@@ -7,9 +7,12 @@ RMSNorms, rotary embedding, activation, output layer); each LoRA-patched project
 runs as one ``multi_lora_linear`` call over all ``T`` rows with the layer's own base
 weight and the engine's resident adapter slots (``ResidentSlots``: packed, ragged
 ranks, one ``AdapterBatch`` shared by all layers). Attention reads/writes a
-``PagedKVCache``; it runs per sequence (``scaled_dot_product_attention`` over that
-sequence's cached keys), so no sequence is padded to the longest one. Logits are
-computed only for the rows that sample.
+``PagedKVCache``: a prefill chunk attends over its own sequence's cached keys (one
+``scaled_dot_product_attention`` per chunk, causal mask); all decode tokens of a step go
+through ONE masked call per layer (their keys gathered and padded to the longest
+context: attention only — the linear layers never see padding). Per-sequence calls cost
+~40 calls per layer at 40 sequences; on a busy CPU each parallel region costs far more
+than the arithmetic. Logits are computed only for the rows that sample.
 
 Supported: Llama-family decoder-only models as transformers builds them
 (``LlamaForCausalLM``, ``MistralForCausalLM`` without sliding window, ``Qwen2ForCausalLM``):
@@ -148,6 +151,7 @@ class ModelRunner:
         cos, sin = inner.rotary_emb(h, batch.positions[None])      # [1, T, D] each
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]          # [T, 1, D]
         t = h.shape[0]
+        decode_plan = self._decode_plan(batch.seqs)
         for i, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
             q = self._linear(i, "self_attn.q_proj", x, ids).view(t, self.num_heads, self.head_dim)
@@ -159,7 +163,7 @@ class ModelRunner:
             k = k * cos + _rotate_half(k) * sin
             self.kv.k[i].index_copy_(0, batch.write_slots, k.to(self.kv.k[i].dtype))
             self.kv.v[i].index_copy_(0, batch.write_slots, v.to(self.kv.v[i].dtype))
-            attn = self._attention(i, q, batch.seqs)                # [T, heads * D]
+            attn = self._attention(i, q, batch.seqs, decode_plan)   # [T, heads * D]
             h = h + self._linear(i, "self_attn.o_proj", attn, ids)
             x = layer.post_attention_layernorm(h)
             mlp = layer.mlp
@@ -169,12 +173,45 @@ class ModelRunner:
         last = inner.norm(h.index_select(0, batch.sample_rows))    # [R, H]
         return self.model.lm_head(last).float()                     # [R, V]
 
-    def _attention(self, layer_idx: int, q: torch.Tensor, seqs: list[SeqChunk]) -> torch.Tensor:
+    @staticmethod
+    def _decode_plan(seqs: list[SeqChunk]):
+        """For the single-token (decode) sequences, built once per step and shared by all
+        layers: ``(rows [Sd], slots [Sd, Cmax], mask [Sd, 1, 1, Cmax])`` so their attention
+        is ONE call per layer (keys padded to the longest context, masked) instead of one
+        per sequence; ``None`` when there are none."""
+        dec = [s for s in seqs if s.length == 1]
+        if not dec:
+            return None
+        cmax = max(s.context_len for s in dec)
+        slots = torch.zeros(len(dec), cmax, dtype=torch.int64)
+        mask = torch.zeros(len(dec), 1, 1, cmax, dtype=torch.bool)
+        for i, s in enumerate(dec):
+            slots[i, :s.context_len] = s.kv_slots
+            mask[i, ..., :s.context_len] = True
+        rows = torch.tensor([s.start for s in dec], dtype=torch.int64)
+        return rows, slots, mask
+
+    def _attention(self, layer_idx: int, q: torch.Tensor, seqs: list[SeqChunk],
+                   decode_plan) -> torch.Tensor:
         """Causal attention of each sequence's rows over its cached keys: ``[T, heads*D]``."""
         out = torch.empty(q.shape[0], self.num_heads * self.head_dim, dtype=q.dtype,
                           device=q.device)
         kc, vc = self.kv.k[layer_idx], self.kv.v[layer_idx]
+        gqa = self.num_kv_heads != self.num_heads
+        if decode_plan is not None:
+            rows, slots, mask = decode_plan
+            sd, cmax = slots.shape
+            qs = q.index_select(0, rows)[:, :, None, :]                        # [Sd, h, 1, D]
+            flat = slots.reshape(-1)
+            ks = kc.index_select(0, flat).view(sd, cmax, self.num_kv_heads, self.head_dim)
+            vs = vc.index_select(0, flat).view(sd, cmax, self.num_kv_heads, self.head_dim)
+            o = F.scaled_dot_product_attention(qs, ks.transpose(1, 2).to(q.dtype),
+                                               vs.transpose(1, 2).to(q.dtype), attn_mask=mask,
+                                               scale=self.scaling, enable_gqa=gqa)
+            out.index_copy_(0, rows, o.reshape(sd, -1))
         for s in seqs:
+            if s.length == 1 and decode_plan is not None:
+                continue
             qs = q[s.start:s.start + s.length].transpose(0, 1)[None]           # [1, h, L, D]
             ks = kc.index_select(0, s.kv_slots).to(q.dtype).transpose(0, 1)[None]  # [1, kv, C, D]
             vs = vc.index_select(0, s.kv_slots).to(q.dtype).transpose(0, 1)[None]
@@ -183,7 +220,7 @@ class ModelRunner:
                 qpos = torch.arange(s.context_len - s.length, s.context_len)
                 mask = torch.arange(s.context_len)[None, :] <= qpos[:, None]     # [L, C]
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scaling,
-                                               enable_gqa=self.num_kv_heads != self.num_heads)
+                                               enable_gqa=gqa)
             out[s.start:s.start + s.length] = o[0].transpose(0, 1).reshape(s.length, -1)
         return out
 

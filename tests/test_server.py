@@ -13,9 +13,11 @@ a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -33,13 +35,14 @@ SHIPPED = Path(__file__).resolve().parent.parent / "lorart" / "data" / "adapters
 MAX_TOKENS = 8
 QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?",
              "Name a primary color.", "What is the largest ocean?"]
-# name -> (rank, target module suffixes, init seed) of the random adapters
+# name -> (rank, target module suffixes, seed, std) of the random adapters; the std is
+# large enough that the answers change (checked), small enough that they stay text.
 RANDOM_ADAPTERS = {
-    "rand_qv": (4, ("q_proj", "v_proj"), 1),
-    "rand_mlp": (16, ("gate_proj", "up_proj", "down_proj"), 2),
-    "rand_all": (8, None, 3),
+    "rand_qv": (4, ("q_proj", "v_proj"), 1, 0.08),
+    "rand_mlp": (16, ("gate_proj", "up_proj", "down_proj"), 2, 0.08),
+    "rand_all": (8, None, 3, 0.08),
 }
-DIR_ADAPTERS = {"dir_ko": (8, ("k_proj", "o_proj"), 4), "dir_all": (12, None, 5)}
+DIR_ADAPTERS = {"dir_ko": (8, ("k_proj", "o_proj"), 4, 0.2), "dir_all": (12, None, 5, 0.08)}
 
 
 # ---- fixtures: adapters on disk, the reference model, the server ------------------------
@@ -63,11 +66,10 @@ def adapter_files(tmp_path_factory, reference_model):
     root = tmp_path_factory.mktemp("adapters")
     static, adapter_dir, secret = root / "static", root / "adapter_dir", root / "secret"
     paths = {name: SHIPPED / name for name in ("uppercase", "json", "pirate")}
-    for name, (rank, targets, seed) in {**RANDOM_ADAPTERS, **DIR_ADAPTERS}.items():
+    for name, (rank, targets, seed, std) in {**RANDOM_ADAPTERS, **DIR_ADAPTERS}.items():
         where = adapter_dir if name in DIR_ADAPTERS else static
-        # std 0.03: the answers change but stay text (a random adapter is no skill)
         tensors, config = random_adapter(model, rank, seed, alpha=rank, targets=targets,
-                                         std=0.03)
+                                         std=std)
         paths[name] = write_peft_dir(where / name, tensors, config)
     for name, path in paths.items():
         lorart.load_adapter(model, path, name)
@@ -170,6 +172,26 @@ def test_models_lists_the_base_and_every_adapter(client, base_id):
         assert models[name].parent == base_id
 
 
+@pytest.mark.xfail(reason="engine #11: a lone request for an --adapter-dir adapter waits "
+                          "forever: Engine._loop only steps when a waiting request's adapter "
+                          "is .ready, which only AdapterPool.poll (run inside step) sets",
+                   raises=openai.APITimeoutError, strict=False)
+def test_adapter_dir_adapter_loads_on_a_lone_first_request(server):
+    # Runs before any other test touches the --adapter-dir adapters. When the request times
+    # out, the client's disconnect cancels it, the engine steps, and the load completes,
+    # so the tests after this one find the adapters loaded either way.
+    short = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                          timeout=20)
+    timed_out = []
+    for name in DIR_ADAPTERS:
+        try:
+            _chat(short, name, QUESTIONS[0], max_tokens=2)
+        except openai.APITimeoutError as exc:
+            timed_out.append(exc)
+    if timed_out:
+        raise timed_out[0]
+
+
 def test_greedy_chat_equals_generate_for_base_and_8_adapters(client, base_id, reference):
     for i, name in enumerate([None, *ALL_ADAPTERS]):
         question = QUESTIONS[i % len(QUESTIONS)]
@@ -181,9 +203,9 @@ def test_greedy_chat_equals_generate_for_base_and_8_adapters(client, base_id, re
         assert out.choices[0].finish_reason == finish_reason
         assert out.model == (name or base_id)
     # the adapters really change the answers (the routing is not a no-op)
-    same_question = {_chat(client, n or base_id, QUESTIONS[0]).choices[0].message.content
-                     for n in [None, "uppercase", "pirate", "rand_mlp", "dir_all"]}
-    assert len(same_question) >= 4, same_question
+    same_question = {_chat(client, n or base_id, QUESTIONS[2]).choices[0].message.content
+                     for n in [None, "uppercase", "pirate", "rand_qv", "rand_mlp", "rand_all"]}
+    assert len(same_question) >= 5, same_question
 
 
 def test_greedy_completions_equal_generate(client, base_id, reference):
@@ -254,23 +276,23 @@ def test_raw_sse_format(server, base_id):
         assert json.loads(e[len("data: "):])["object"] == "chat.completion.chunk"
 
 
-def test_runtime_load_use_unload(client, reference, adapter_files):
-    r = httpx.post(client.base_url.join("load_lora_adapter"),
+def test_runtime_load_use_unload(server, client, reference):
+    r = httpx.post(server.url + "/v1/load_lora_adapter",
                    json={"lora_name": "runtime_x", "lora_path": "runtime_src"})
     assert r.status_code == 200, r.text
     assert "runtime_x" in {m.id for m in client.models.list().data}
     out = _chat(client, "runtime_x", QUESTIONS[2])
     assert out.choices[0].message.content == reference.chat("rand_qv", QUESTIONS[2])[0]
     # the same name again is refused until it is unloaded
-    again = httpx.post(client.base_url.join("load_lora_adapter"),
+    again = httpx.post(server.url + "/v1/load_lora_adapter",
                        json={"lora_name": "runtime_x", "lora_path": "runtime_src"})
     assert again.status_code == 400
-    r = httpx.post(client.base_url.join("unload_lora_adapter"), json={"lora_name": "runtime_x"})
+    r = httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "runtime_x"})
     assert r.status_code == 200, r.text
     assert "runtime_x" not in {m.id for m in client.models.list().data}
     with pytest.raises(openai.NotFoundError):
         _chat(client, "runtime_x", QUESTIONS[2])
-    r = httpx.post(client.base_url.join("unload_lora_adapter"), json={"lora_name": "runtime_x"})
+    r = httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "runtime_x"})
     assert r.status_code == 404
 
 
@@ -350,13 +372,40 @@ def test_openai_client_sees_typed_errors(client, base_id):
         _chat(client, base_id, "Hi", max_tokens=-3)
 
 
-def test_adapter_that_fails_on_first_use_keeps_the_server_serving(client, base_id, reference):
+@contextlib.contextmanager
+def _busy(server, base_id):
+    """A long base-model request streaming in the background while the block runs (real
+    traffic keeps the engine stepping), cancelled by closing it at the end."""
+    stop = threading.Event()
+
+    def run():
+        body = {"model": base_id, "prompt": "Count:", "max_tokens": 1000, "ignore_eos": True,
+                "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+
+
+def test_adapter_that_fails_on_first_use_keeps_the_server_serving(server, client, base_id,
+                                                                  reference):
     # corrupt/ and wrong_shape/ sit in the --adapter-dir: they fail when first requested
-    for name in ("corrupt", "wrong_shape"):
-        with pytest.raises(openai.UnprocessableEntityError):
-            _chat(client, name, "Hi")
-        with pytest.raises(openai.UnprocessableEntityError):  # streaming: same status code
-            list(_chat(client, name, "Hi", stream=True))
+    # (with other traffic running; see the xfail above for a lone request)
+    with _busy(server, base_id):
+        for name in ("corrupt", "wrong_shape"):
+            with pytest.raises(openai.UnprocessableEntityError):
+                _chat(client, name, "Hi")
+            with pytest.raises(openai.UnprocessableEntityError):  # streaming: same status
+                list(_chat(client, name, "Hi", stream=True))
     out = _chat(client, "pirate", QUESTIONS[0])
     assert out.choices[0].message.content == reference.chat("pirate", QUESTIONS[0])[0]
 

@@ -28,7 +28,7 @@ def server(tmp_path_factory):
     adapter_dir = tmp_path_factory.mktemp("adapter_dir")
     proc = ServerProcess(["--adapter", f"uppercase={UPPERCASE}", "--adapter-dir",
                           str(adapter_dir), "--api-key", KEY, "--max-num-seqs", "1",
-                          "--max-queue", "1", "--shutdown-timeout", "3"])
+                          "--max-queue", "1", "--shutdown-timeout", "5"])
     proc.start()
     yield proc
     proc.stop()
@@ -98,10 +98,23 @@ async def _flood_with_openai(server, body):
             temperature=0, extra_body={"ignore_eos": True}) for _ in range(6)])
 
 
+def _wait_idle(server, timeout: float = 60.0) -> None:
+    """Until the engine has nothing running or waiting (earlier tests' cancellations)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(server.url + "/metrics", headers=_auth()).text
+        if "lorart_running_requests 0.0" in text and "lorart_queue_depth 0.0" in text:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the engine did not become idle")
+
+
 def test_sigterm_finishes_or_cancels_in_flight_then_exits_0(server):
-    """SIGTERM with two requests in flight and --shutdown-timeout 3: the short one
+    """SIGTERM with two requests in flight and --shutdown-timeout 5: the short one
     finishes normally, the long one is cut at the timeout; the process exits 0."""
+    _wait_idle(server)
     results = {}
+    short_started = threading.Event()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0,
                            timeout=120)
 
@@ -110,23 +123,27 @@ def test_sigterm_finishes_or_cancels_in_flight_then_exits_0(server):
             stream = client.completions.create(model="uppercase", prompt="Count:", stream=True,
                                                max_tokens=max_tokens, temperature=0,
                                                extra_body={"ignore_eos": True})
-            results[name] = [c.choices[0].finish_reason for c in stream if c.choices]
+            reasons = []
+            for chunk in stream:
+                short_started.set()
+                reasons += [c.finish_reason for c in chunk.choices]
+            results[name] = reasons
         except Exception as exc:  # the cut stream: a dropped connection is the expected end
             results[name] = exc
 
-    # --max-num-seqs 1: the short one runs first, the long one waits then runs
-    threads = [threading.Thread(target=run, args=("short", 6)),
+    # --max-num-seqs 1: the short one runs first, the long one waits, then runs
+    threads = [threading.Thread(target=run, args=("short", 3)),
                threading.Thread(target=run, args=("long", 5000))]
-    for t in threads:
-        t.start()
-        time.sleep(0.3)
+    threads[0].start()
+    assert short_started.wait(60)
+    threads[1].start()
     time.sleep(0.5)
     t0 = time.monotonic()
-    assert server.stop(signal.SIGTERM, timeout=60) == 0, server.log()
-    assert time.monotonic() - t0 < 3 + 10  # graceful period + engine shutdown, not 5000 tokens
+    assert server.stop(signal.SIGTERM, timeout=90) == 0, server.log()
+    assert time.monotonic() - t0 < 5 + 30  # the graceful period, not 5000 tokens
     for t in threads:
         t.join(timeout=30)
-    assert results["short"][-1] == "length", results
+    assert isinstance(results["short"], list) and results["short"][-1] == "length", results
     assert not isinstance(results["long"], list) or results["long"][-1] != "length", results
     with pytest.raises(httpx.ConnectError):  # no longer accepting
         httpx.get(server.url + "/health", timeout=5)

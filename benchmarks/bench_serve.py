@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -95,7 +96,11 @@ def main(argv=None) -> int:
     if not args.no_engine:
         bs.run_engine(engine(), warm)
     for spec in specs if not args.no_engine else []:
-        record("lorart-engine", spec, bs.run_engine(engine(), traffic[spec.name]))
+        e = engine()
+        record("lorart-engine", spec, bs.run_engine(e, traffic[spec.name]))
+        e.shutdown()  # frees its KV cache and slots before the next case
+        del e
+        gc.collect()
 
     if not args.no_baselines:
         counts = {int(n) for n in args.baselines_at.split(",")}

@@ -159,16 +159,16 @@ def greedy_generate(decoder: LlamaDecoder, input_ids: torch.Tensor, max_new_toke
     eos = set(int(e) for e in eos_token_ids)
     eos_index = torch.tensor(sorted(eos), dtype=torch.int64)
     out = [int(v) for v in input_ids[0].tolist()]
-    tokens = input_ids[0].to(decoder.device)
+    logits = session.forward(input_ids[0].to(decoder.device))[-1]
     for step in range(max_new_tokens):
-        logits = session.forward(tokens)[-1]
+        if step:
+            logits = session.step(out[-1])[0]
         if step < min_new_tokens and eos:
             logits = logits.index_fill(0, eos_index, float("-inf"))
         nxt = int(logits.argmax())
         out.append(nxt)
         if nxt in eos:
             break
-        tokens = torch.tensor([nxt], dtype=torch.int64, device=decoder.device)
     return torch.tensor([out], dtype=input_ids.dtype, device=input_ids.device)
 
 

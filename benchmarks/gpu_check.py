@@ -198,9 +198,7 @@ def triton_forward(case, base, stack, batch, x):
 
     backend = get_backend("triton")
     lora = lora_args(stack)
-    ids = None if batch is None else batch.ids
-    segments = None if batch is None else batch.segments
-    return lambda b=base: backend.forward(x, b, None, lora, ids, segments)
+    return lambda b=base: backend.forward(x, b, None, lora, batch)
 
 
 def triton_base_only(base, x):
@@ -215,9 +213,7 @@ def triton_backward(case, base, stack, batch, x, dy):
 
     backend = get_backend("triton")
     lora = lora_args(stack)
-    ids = None if batch is None else batch.ids
-    segments = None if batch is None else batch.segments
-    return lambda b=base: backend.backward(dy, x, b, lora, ids, True, True, segments)
+    return lambda b=base: backend.backward(dy, x, b, lora, batch, True, True)
 
 
 def dequantize_bf16(base, dtype):

@@ -2,6 +2,21 @@
 
 Fused base linear + LoRA + 4-bit dequantization, for one adapter or many adapters
 per batch, on CPU (C++), GPU (Triton, CUDA) and everywhere else (torch reference).
+
+The model API follows PEFT (each returns None unless said; ``model`` is patched):
+
+    lorart.patch(model, target_modules="all-linear")     # LoRALinear layers, no adapter yet
+    lorart.load_adapter(model, "dir", "pirate")          # a PEFT adapter dir; base frozen
+    lorart.add_adapter(model, "new", r=8)                # a fresh trainable adapter; base frozen
+    lorart.adapter_names(model)                          # -> ["pirate", "new"]
+    lorart.set_adapter(model, "pirate")                  # the adapter used without routing
+    model(ids, adapter_names=["pirate", "__base__"])     # one adapter per sequence
+    with lorart.route(model, adapter_ids=ids_per_token): # one global adapter id per row
+        model(packed_ids)
+    with lorart.disable_adapters(model): model(ids)      # the base model alone
+    lorart.merge_adapter(model, "pirate")                # fold B·A into the base weight
+    lorart.unmerge_adapter(model, "pirate")              # and take it out again
+    lorart.delete_adapter(model, "new")
 """
 
 from __future__ import annotations
@@ -11,11 +26,13 @@ from .backend import available_backends as _available_backends
 from .layers import AdapterRegistry, LoRALinear
 from .ops import lora_linear, multi_lora_linear
 from .patch import (
+    adapter_names,
     add_adapter,
     delete_adapter,
     disable_adapters,
     merge_adapter,
     patch,
+    route,
     set_adapter,
     unmerge_adapter,
     unpatch,
@@ -46,6 +63,7 @@ __all__ = [
     "LoRALinear",
     "QuantizedWeight",
     "add_adapter",
+    "adapter_names",
     "backends",
     "delete_adapter",
     "disable_adapters",
@@ -56,6 +74,7 @@ __all__ = [
     "multi_lora_linear",
     "patch",
     "quantize",
+    "route",
     "save_adapter",
     "set_adapter",
     "unmerge_adapter",

@@ -7,6 +7,10 @@ An ``AdapterStack`` holds ``S`` adapters for one linear layer ``[N, K]``:
     rank_offsets  [S + 1]   int64, rank_offsets[0] = 0, rank_offsets[S] = R
     scales        [S]       float32, lora_alpha / r (or / sqrt(r) for rsLoRA)
 
+``rank_offsets_list`` and ``scales_list`` are host copies, so nothing on the hot path
+reads tensor values back (a device sync on a GPU). ``lora_args()`` is the kernels' view of
+the stack (``LoRAArgs``: host lists + device tensors), built once per stack version.
+
 A_s and B_s keep PEFT's shapes, so adapters load without transposes, and ranks are
 never padded to a common rank. ``R`` may exceed ``rank_offsets[S]`` (spare capacity):
 adding an adapter then writes into free rows/columns instead of re-laying out the
@@ -20,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .backend.base import LoRAArgs
+
 
 @dataclass
 class AdapterStack:
@@ -29,8 +35,9 @@ class AdapterStack:
     b: torch.Tensor
     rank_offsets: torch.Tensor
     scales: torch.Tensor
-    # Host copy of rank_offsets: kernels and validation need it without a device sync.
+    # Host copies: kernels and validation need them without a device sync.
     rank_offsets_list: list[int] = field(default_factory=list)
+    scales_list: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.a.dim() != 2 or self.b.dim() != 2:
@@ -43,6 +50,8 @@ class AdapterStack:
             raise TypeError(f"a and b must share a dtype, got {self.a.dtype} and {self.b.dtype}")
         if not self.rank_offsets_list:
             self.rank_offsets_list = [int(v) for v in self.rank_offsets.tolist()]
+        if not self.scales_list:
+            self.scales_list = [float(v) for v in self.scales.tolist()]
         offs = self.rank_offsets_list
         if len(offs) < 1 or offs[0] != 0 or any(y < x for x, y in zip(offs, offs[1:])):
             raise ValueError(f"rank_offsets must start at 0 and not decrease, got {offs}")
@@ -51,6 +60,14 @@ class AdapterStack:
         if self.scales.numel() != len(offs) - 1:
             raise ValueError(f"scales must have one entry per adapter ({len(offs) - 1}), "
                              f"got {self.scales.numel()}")
+        self._args: LoRAArgs | None = None
+
+    def lora_args(self) -> LoRAArgs:
+        """The kernels' arguments for this stack, built once per version (see module doc)."""
+        if self._args is None:
+            self._args = LoRAArgs(self.a.contiguous(), self.b.contiguous(),
+                                  self.rank_offsets_list, self.scales_list)
+        return self._args
 
     @classmethod
     def from_list(
@@ -89,9 +106,9 @@ class AdapterStack:
         for (a, b, _), lo, hi in zip(adapters, offsets, offsets[1:]):
             packed_a[lo:hi] = a.detach()
             packed_b[:, lo:hi] = b.detach()
-        scales = torch.tensor([float(s) for _, _, s in adapters], dtype=torch.float32)
+        scales = [float(s) for _, _, s in adapters]
         return cls(packed_a, packed_b, torch.tensor(offsets, dtype=torch.int64),
-                   scales.to(device), offsets)
+                   torch.tensor(scales, dtype=torch.float32, device=device), offsets, scales)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -124,7 +141,7 @@ class AdapterStack:
         if not 0 <= s < self.num_adapters:
             raise IndexError(f"adapter index {s} out of range for {self.num_adapters} adapters")
         lo, hi = self.rank_offsets_list[s], self.rank_offsets_list[s + 1]
-        return self.a[lo:hi], self.b[:, lo:hi], float(self.scales[s])
+        return self.a[lo:hi], self.b[:, lo:hi], self.scales_list[s]
 
     def add(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> int:
         """Append one adapter, using spare capacity when there is room; returns its index."""
@@ -145,8 +162,10 @@ class AdapterStack:
             self.a[lo:hi] = a.to(self.a)
             self.b[:, lo:hi] = b.to(self.b)
         self.rank_offsets_list.append(hi)
+        self.scales_list.append(float(scale))
         self.rank_offsets = torch.tensor(self.rank_offsets_list, dtype=torch.int64)
         self.scales = torch.cat([self.scales, self.scales.new_tensor([float(scale)])])
+        self._args = None  # a new version
         return self.num_adapters - 1
 
     def to(self, device: torch.device | str | None = None,
@@ -154,7 +173,7 @@ class AdapterStack:
         return AdapterStack(self.a.to(device=device, dtype=dtype),
                             self.b.to(device=device, dtype=dtype),
                             self.rank_offsets, self.scales.to(device),
-                            list(self.rank_offsets_list))
+                            list(self.rank_offsets_list), list(self.scales_list))
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -172,27 +191,28 @@ class AdapterBatch:
     """Validated per-row adapter ids for one batch, plus metadata shared by all layers.
 
     ``ids [M]`` int32 in ``-1..num_adapters-1`` (``-1`` = base only). Checked once, on
-    construction, before any kernel reads by them. The SGMV metadata (rows sorted by
-    adapter, segment boundaries) is computed lazily, once, and reused by every layer.
+    construction, before any kernel reads by them: ids given as a list are checked on the
+    host; a tensor costs one read of its (min, max). The SGMV metadata (rows sorted by
+    adapter, segment boundaries) is computed lazily, once, on the device, and reused by
+    every layer.
     """
 
     def __init__(self, adapter_ids: torch.Tensor | Sequence[int], num_adapters: int,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, *, checked: bool = False):
         ids = adapter_ids
-        if not isinstance(ids, torch.Tensor):
-            ids = torch.tensor(list(ids), dtype=torch.int64)
-        if ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"adapter_ids must be int32 or int64, got {ids.dtype}")
-        if ids.dim() != 1:
-            raise ValueError(f"adapter_ids must be 1-D [M], got shape {tuple(ids.shape)}")
-        if device is not None:
-            ids = ids.to(device)
-        if ids.numel():
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < -1 or hi >= num_adapters:
-                raise ValueError(f"adapter_ids must lie in -1..{num_adapters - 1} "
-                                 f"(-1 = base only), got values in {lo}..{hi}")
-        self.ids = ids.to(torch.int32).contiguous()
+        if isinstance(ids, torch.Tensor):
+            if ids.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"adapter_ids must be int32 or int64, got {ids.dtype}")
+            if ids.dim() != 1:
+                raise ValueError(f"adapter_ids must be 1-D [M], got shape {tuple(ids.shape)}")
+            if not checked and ids.numel():
+                _check_range(torch.stack(torch.aminmax(ids)).tolist(), num_adapters)
+        else:
+            ids = [int(v) for v in ids]
+            if ids and not checked:
+                _check_range((min(ids), max(ids)), num_adapters)
+            ids = torch.tensor(ids, dtype=torch.int32)
+        self.ids = ids.to(device=device, dtype=torch.int32).contiguous()
         self.num_adapters = num_adapters
         self._segments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -208,13 +228,20 @@ class AdapterBatch:
 
         ``order`` is a stable sort of rows by adapter id (``-1`` rows first);
         rows ``order[seg_starts[j]:seg_starts[j+1]]`` all use adapter ``j - 1``.
+        Device ops only (``scatter_add_``, not ``bincount``, which syncs on a GPU).
         """
         if self._segments is None:
             ids64 = self.ids.to(torch.int64)
             order = torch.sort(ids64, stable=True).indices
-            counts = torch.bincount(ids64 + 1, minlength=self.num_adapters + 1)
             starts = torch.zeros(self.num_adapters + 2, dtype=torch.int64, device=self.device)
-            starts[1:] = torch.cumsum(counts, 0)
+            starts.scatter_add_(0, ids64 + 2, torch.ones_like(ids64))
             seg_adapter = torch.arange(-1, self.num_adapters, device=self.device)
-            self._segments = (order, starts, seg_adapter)
+            self._segments = (order, starts.cumsum_(0), seg_adapter)
         return self._segments
+
+
+def _check_range(lo_hi, num_adapters: int) -> None:
+    lo, hi = lo_hi
+    if lo < -1 or hi >= num_adapters:
+        raise ValueError(f"adapter_ids must lie in -1..{num_adapters - 1} (-1 = base only), "
+                         f"got values in {lo}..{hi}")

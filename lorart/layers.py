@@ -15,9 +15,10 @@ the stack is rebuilt with ``torch.cat`` on every forward, so gradients reach eac
 adapter's own parameters.
 
 Adapter *indices* are shared by every layer of a model through an
-``AdapterRegistry`` (name -> global index), so one per-sequence id vector serves all
-layers even when adapters target different modules: a layer maps global ids to its
-own stack with a 1-entry-per-adapter lookup, cached per forward in ``RowAdapters``.
+``AdapterRegistry`` (name -> global index), so one id vector serves all layers even
+when adapters target different modules. Which ids a forward uses travels with the call
+(``lorart.routing``: a ContextVar route, or ``adapter_ids=`` given to ``forward``); the
+route maps global ids to a layer's own stack once per forward, shared by its layers.
 """
 
 from __future__ import annotations
@@ -29,23 +30,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from . import routing
 from .adapters import AdapterBatch, AdapterStack
-from .ops import lora_linear, multi_lora_linear
+from .ops import check_shape, lora_linear, multi_lora_linear
 from .quant import QuantizedWeight, quantize
-
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+from .routing import BASE_ADAPTER, Route
 
 
 class AdapterRegistry:
-    """Adapter names of one model in a fixed order: ``name -> global index``.
-
-    ``rows`` holds the per-sequence adapter ids of the forward (or ``generate``) in
-    progress, set by the model-level hooks that ``lorart.patch`` installs.
-    """
+    """Adapter names of one model in a fixed order: ``name -> global index``."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
-        self.rows: RowAdapters | None = None
 
     def register(self, name: str) -> int:
         if name not in self.names:
@@ -60,47 +56,6 @@ class AdapterRegistry:
             raise ValueError(f"adapter_names: unknown adapter {name!r}; loaded adapters are "
                              f"{self.names} (use {BASE_ADAPTER!r} for no adapter)")
         return self.names.index(name)
-
-    def rows_from_names(self, adapter_names: Sequence[str], device=None) -> RowAdapters:
-        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-            raise TypeError(f"adapter_names must be a list with one adapter name per sequence, "
-                            f"got {type(adapter_names).__name__}")
-        ids = torch.tensor([self.index(n) for n in adapter_names], dtype=torch.int64)
-        return RowAdapters(ids, self)
-
-
-class RowAdapters:
-    """Per-sequence global adapter ids ``[B]`` for one forward, shared by all layers.
-
-    A layer of input ``x [B, T, K]`` (or any ``[..., K]`` with ``B·T`` rows) gets an
-    ``AdapterBatch`` over its own adapters; it is built once per (adapter set, T,
-    device) and reused by every layer with the same adapters.
-    """
-
-    def __init__(self, seq_ids: torch.Tensor, registry: AdapterRegistry) -> None:
-        self.seq_ids = seq_ids
-        self.registry = registry
-        self._cache: dict = {}
-
-    def batch_for(self, rows: int, present: tuple[int, ...], device) -> AdapterBatch | None:
-        """``AdapterBatch`` in the layer's own index space, or ``None`` if no row uses it."""
-        n_seq = self.seq_ids.numel()
-        if n_seq == 0 or rows % n_seq != 0:
-            raise ValueError(f"adapter_names has {n_seq} entries but the layer sees {rows} "
-                             f"rows; give one adapter name per sequence of the batch")
-        per_seq = rows // n_seq
-        key = (present, per_seq, str(device))
-        if key not in self._cache:
-            lut = torch.full((len(self.registry.names) + 1,), -1, dtype=torch.int64)
-            for local, glob in enumerate(present):
-                lut[glob] = local
-            local_ids = lut[self.seq_ids]  # -1 (base) indexes the trailing -1 entry
-            if bool((local_ids < 0).all()):
-                self._cache[key] = None
-            else:
-                ids = local_ids.repeat_interleave(per_seq)
-                self._cache[key] = AdapterBatch(ids, len(present), device)
-        return self._cache[key]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -275,11 +230,11 @@ class LoRALinear(nn.Module):
         if dtype is None:
             dtype = torch.float32 if self.is_quantized else self.weight.dtype
         device = self.qweight.device if self.is_quantized else self.weight.device
-        shapes = {"lora_a": (r, self.in_features), "lora_b": (self.out_features, r)}
-        for what, t in (("lora_a", lora_a), ("lora_b", lora_b)):
-            if t is not None and tuple(t.shape) != shapes[what]:
-                raise ValueError(f"{what} must have shape {list(shapes[what])}, got "
-                                 f"{list(t.shape)}")
+        for what, t, dims, shape in (
+                ("lora_a", lora_a, "r, in_features", (r, self.in_features)),
+                ("lora_b", lora_b, "out_features, r", (self.out_features, r))):
+            if t is not None:
+                check_shape(t, what, dims, shape)
         a = torch.empty(r, self.in_features, dtype=dtype, device=device)
         b = torch.empty(self.out_features, r, dtype=dtype, device=device)
         with torch.no_grad():
@@ -333,15 +288,17 @@ class LoRALinear(nn.Module):
         names = [self.registry.names[i] for i in present]
         pairs = [(pa[n], pb[n]) for n in names]
         params = [p for pair in pairs for p in pair]
-        needs_grad = torch.is_grad_enabled() and any([p.requires_grad for p in params])
+        # Traced by torch.compile: packed inside the graph (versions are not traceable).
+        fresh = torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any([p.requires_grad for p in params]))
         # The cache stays valid while the same parameter objects hold the same data
         # (``_version`` moves on every in-place write, e.g. an optimizer step) and the
         # scales (lora_alpha, use_rslora: plain dicts a user may edit) are unchanged.
         # Lists, not generators: this runs for every layer on every decode step.
-        key = (present, dtype, str(device), [id(p) for p in params],
-               [p._version for p in params], [self.lora_alpha[n] for n in names],
-               [self.use_rslora[n] for n in names])
-        if not needs_grad and self._stack_cache is not None and self._stack_cache[0] == key:
+        key = None if fresh else (
+            present, dtype, str(device), [id(p) for p in params], [p._version for p in params],
+            [self.lora_alpha[n] for n in names], [self.use_rslora[n] for n in names])
+        if key is not None and self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1], present
         offsets = [0]
         for a_n, _ in pairs:
@@ -349,10 +306,11 @@ class LoRALinear(nn.Module):
         # torch.cat keeps autograd edges to every adapter's own A and B.
         a = torch.cat([a_n for a_n, _ in pairs], 0).to(device=device, dtype=dtype)
         b = torch.cat([b_n for _, b_n in pairs], 1).to(device=device, dtype=dtype)
-        scales = torch.tensor([self.scaling(n) for n in names], dtype=torch.float32,
-                              device=device)
-        stack = AdapterStack(a, b, torch.tensor(offsets, dtype=torch.int64), scales, offsets)
-        if not needs_grad:
+        scales = [self.scaling(n) for n in names]
+        stack = AdapterStack(a, b, torch.tensor(offsets, dtype=torch.int64),
+                             torch.tensor(scales, dtype=torch.float32, device=device), offsets,
+                             scales)
+        if key is not None:
             self._stack_cache = (key, stack)
         return stack, present
 
@@ -373,25 +331,26 @@ class LoRALinear(nn.Module):
         """``y [..., N]`` for ``x [..., K]``.
 
         ``adapter_ids``: optional per-row ids ``[M]`` (M = rows of x) in the registry's
-        global index space (``-1`` = base), or an ``AdapterBatch`` over them. Without
-        it, the ids of the model-level forward in progress (``adapter_names=``) are
-        used, else the active adapter.
+        global index space (``-1`` = base), an ``AdapterBatch`` over them, or a
+        ``routing.Route``. Without it, the route of the call in progress
+        (``adapter_names=``, ``lorart.route``) is used, else the active adapter.
         """
         base, bias = self._dense_base(x), self._bias(x)
-        rows = self.registry.rows
+        if adapter_ids is not None and not isinstance(adapter_ids, Route):
+            adapter_ids = Route.from_ids(self.registry, adapter_ids)
+        route = adapter_ids if adapter_ids is not None else routing.current(self.registry)
         if self.disabled or not self.lora_A:
             if self.merged and self.disabled:
                 raise RuntimeError(f"adapters {self.merged} are merged into the base weight; "
                                    f"unmerge them before disabling adapters")
             return lora_linear(x, base, None, None, bias=bias)
-        if adapter_ids is not None or rows is not None:
+        if route is not None:
             if self.merged:
                 raise RuntimeError(f"per-row adapters need an unmerged base; adapters "
                                    f"{self.merged} are merged (call unmerge first)")
             stack, present = self.adapter_stack(x.dtype, x.device)
             m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            batch = (self._local_batch(adapter_ids, present, m, x.device)
-                     if adapter_ids is not None else rows.batch_for(m, present, x.device))
+            batch = route.batch_for(m, present, x.device)
             if batch is None:
                 return lora_linear(x, base, None, None, bias=bias)
             return multi_lora_linear(x, base, stack, batch, bias)
@@ -402,20 +361,6 @@ class LoRALinear(nn.Module):
         if a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
         return lora_linear(x, base, a, b, self.scaling(name), bias)
-
-    def _local_batch(self, adapter_ids, present, m: int, device) -> AdapterBatch | None:
-        n_global = len(self.registry.names)
-        if isinstance(adapter_ids, AdapterBatch):
-            if present == tuple(range(n_global)) and adapter_ids.num_adapters == n_global:
-                return adapter_ids
-            glob = adapter_ids.ids.to(torch.int64).cpu()
-        else:
-            glob = torch.as_tensor(adapter_ids, dtype=torch.int64).cpu()
-            AdapterBatch(glob, n_global)  # validates range and shape
-        if glob.numel() != m:
-            raise ValueError(f"adapter_ids must have one id per row of x (M={m}), got "
-                             f"{glob.numel()}")
-        return RowAdapters(glob, self.registry).batch_for(m, present, device)
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self, name: str) -> torch.Tensor:

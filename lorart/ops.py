@@ -58,11 +58,20 @@ def _check_base(base, x: torch.Tensor) -> tuple[int, int]:
     return n, k
 
 
-def _check_like_x(t: torch.Tensor, name: str, shape: tuple[int, ...], x: torch.Tensor) -> None:
+def check_shape(t: torch.Tensor, name: str, dims: str, shape: tuple[int, ...]) -> None:
+    """``ValueError`` saying which shape was expected, in words and numbers, e.g.
+    ``lora_a must be [r, in_features] = [8, 512]; got [512, 8] — transposed?``."""
+    got = tuple(t.shape)
+    if got != tuple(shape):
+        hint = " — transposed?" if len(got) == 2 and got == tuple(shape)[::-1] else ""
+        raise ValueError(f"{name} must be [{dims}] = {list(shape)}; got {list(got)}{hint}")
+
+
+def _check_like_x(t: torch.Tensor, name: str, dims: str, shape: tuple[int, ...],
+                  x: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor of shape {list(shape)}, got {type(t).__name__}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+        raise TypeError(f"{name} must be a tensor [{dims}], got {type(t).__name__}")
+    check_shape(t, name, dims, shape)
     if t.dtype != x.dtype:
         raise TypeError(f"{name} dtype {t.dtype} does not match x dtype {x.dtype}")
     if t.device != x.device:
@@ -94,47 +103,39 @@ class _FusedLoRALinear(torch.autograd.Function):
     """Forward and backward through one backend; the base weight is never saved dequantized."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, base, lora_meta, adapter_ids, batch, backend):
-        lora = None if a is None else LoRAArgs(a, b, *lora_meta)
-        segments = batch.segments if batch is not None else None
-        y = backend.forward(x, base, bias, lora, adapter_ids, segments)
-        ctx.save_for_backward(x, a, b)
-        ctx.base, ctx.lora_meta, ctx.adapter_ids = base, lora_meta, adapter_ids
-        ctx.batch, ctx.backend = batch, backend
+    def forward(ctx, x, weight, bias, a, b, base, lora, batch, backend):
+        y = backend.forward(x, base, bias, lora, batch)
+        ctx.save_for_backward(x)
+        ctx.base, ctx.lora, ctx.batch, ctx.backend = base, lora, batch, backend
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, a, b = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
         dy = dy.contiguous()
-        lora = None if a is None else LoRAArgs(a, b, *ctx.lora_meta)
         dx = da = db = dw = dbias = None
         if need_dx or need_da or need_db:
-            segments = ctx.batch.segments if ctx.batch is not None else None
-            dx, da, db = ctx.backend.backward(dy, x, ctx.base, lora, ctx.adapter_ids,
-                                              need_dx, need_da or need_db, segments)
+            dx, da, db = ctx.backend.backward(dy, x, ctx.base, ctx.lora, ctx.batch,
+                                              need_dx, need_da or need_db)
         if need_dw:
             dw = (dy.float().T @ x.float()).to(x.dtype)
         if need_dbias:
             dbias = dy.float().sum(0).to(dy.dtype)
         return (dx if need_dx else None, dw, dbias, da if need_da else None,
-                db if need_db else None, None, None, None, None, None)
+                db if need_db else None, None, None, None, None)
 
 
 def _run(x2, base, bias, lora: LoRAArgs | None, batch: AdapterBatch | None) -> torch.Tensor:
     backend: Backend = select_backend(x2, base, lora)
-    ids = None if batch is None else batch.ids
     weight = base if isinstance(base, torch.Tensor) else None
     a = None if lora is None else lora.a
     b = None if lora is None else lora.b
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x2, weight, bias, a, b))
     if not needs_grad:  # inference: skip autograd bookkeeping entirely
-        segments = batch.segments if batch is not None else None
-        return backend.forward(x2, base, bias, lora, ids, segments)
-    meta = None if lora is None else (lora.rank_offsets, lora.scales)
-    return _FusedLoRALinear.apply(x2, weight, bias, a, b, base, meta, ids, batch, backend)
+        return backend.forward(x2, base, bias, lora, batch)
+    return _FusedLoRALinear.apply(x2, weight, bias, a, b, base, lora, batch, backend)
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -170,17 +171,20 @@ def lora_linear(
         raise ValueError("lora_a and lora_b must both be given or both be None")
     lora = None
     if lora_a is not None:
-        if not isinstance(lora_a, torch.Tensor) or lora_a.dim() != 2:
-            raise ValueError(f"lora_a must be a tensor [r, K={k}], got "
-                             f"{tuple(getattr(lora_a, 'shape', ()))}")
-        r = lora_a.shape[0]
-        _check_like_x(lora_a, "lora_a", (r, k), x)
-        _check_like_x(lora_b, "lora_b", (n, r), x)
+        for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise ValueError(f"{name} must be a 2-D tensor, got "
+                                 f"{tuple(getattr(t, 'shape', ()))}")
+        # The rank is A's first dim, unless A is given transposed ([K, r]): say so then.
+        transposed = lora_a.shape[1] != k and lora_a.shape[0] == k
+        r = lora_a.shape[1] if transposed else lora_a.shape[0]
+        _check_like_x(lora_a, "lora_a", "r, K", (r, k), x)
+        _check_like_x(lora_b, "lora_b", "N, r", (n, r), x)
         if not isinstance(scale, int | float) or isinstance(scale, bool):
             raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
         lora = LoRAArgs(lora_a.contiguous(), lora_b.contiguous(), [0, r], [float(scale)])
     if bias is not None:
-        _check_like_x(bias, "bias", (n,), x)
+        _check_like_x(bias, "bias", "N", (n,), x)
         bias = bias.contiguous()
     lead = x.shape[:-1]
     y = _run(_rows(x, k), _contiguous_base(base), bias, lora, None)
@@ -216,12 +220,10 @@ def multi_lora_linear(
     if stack.device != x.device:
         raise ValueError(f"stack is on {stack.device} but x is on {x.device}")
     if bias is not None:
-        _check_like_x(bias, "bias", (n,), x)
+        _check_like_x(bias, "bias", "N", (n,), x)
         bias = bias.contiguous()
     lead = x.shape[:-1]
     x2 = _rows(x, k)
     batch = _as_batch(adapter_ids, stack.num_adapters, x2.shape[0], x.device)
-    lora = LoRAArgs(stack.a.contiguous(), stack.b.contiguous(), stack.rank_offsets_list,
-                    [float(s) for s in stack.scales.tolist()])
-    y = _run(x2, _contiguous_base(base), bias, lora, batch)
+    y = _run(x2, _contiguous_base(base), bias, stack.lora_args(), batch)
     return y.reshape(*lead, n)

@@ -6,12 +6,17 @@ mixed-batch argument:
 
     model(input_ids, adapter_names=["a", "__base__", "b"])       one name per sequence
     model.generate(input_ids, adapter_names=[...])
+    with lorart.route(model, adapter_names=[...]) / route(model, adapter_ids=ids [M]):
+        model(...)                                               any forward(s) inside
 
-A forward pre-hook (with kwargs) pops ``adapter_names`` and sets the per-sequence
-ids that every ``LoRALinear`` reads (``AdapterRegistry.rows``); a forward hook clears
-them. ``generate`` is wrapped by an instance attribute that does the same around the
-whole generation. ``unpatch`` removes hooks and wrapper and puts the original modules
-back.
+A forward pre-hook (with kwargs) pops ``adapter_names``, checks there is one per
+sequence and makes them the call's route (``lorart.routing``: a ContextVar, so threads
+sharing the model never see each other's adapters); a forward hook (always called)
+restores the previous route. ``generate`` is wrapped by an instance attribute that does
+the same around the whole generation. The hooks are kept as ``RemovableHandle``s;
+``unpatch`` removes them through the handles, drops the wrapper and puts the original
+modules back. The model-level adapter API (``adapter_names``, ``add_adapter``,
+``set_adapter``, ...) is at the end of this file and exported as ``lorart.*``.
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 
+import torch
 from torch import nn
 
+from . import routing
 from .layers import AdapterRegistry, LoRALinear, is_linear_like
 from .quant import check_group_size
+from .routing import BASE_ADAPTER, Route
 
 _STATE_ATTR = "_lorart_patch_state"
 QUANTIZE_SCHEMES = {None: None, "int4": "asym", "asym": "asym", "sym": "sym", "nf4": "nf4"}
@@ -34,6 +43,7 @@ class PatchState:
 
     def __init__(self) -> None:
         self.registry = AdapterRegistry()
+        self.handles: list = []  # RemovableHandles of the two forward hooks
         self.wrapped_generate = False
 
 
@@ -183,8 +193,10 @@ def unpatch(model: nn.Module) -> nn.Module:
         parent, name = get_submodule_parent(model, path)
         if layer.original is not None:
             setattr(parent, name, layer.to_original())
-    _remove_hooks(model, state)
-    state.registry.rows = None
+    for handle in state.handles:
+        handle.remove()
+    if state.wrapped_generate:
+        model.__dict__.pop("generate", None)
     del model.__dict__[_STATE_ATTR]
     return model
 
@@ -192,19 +204,43 @@ def unpatch(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------ mixed batches
 # Hooks and the generate wrapper find the registry through the module they run on
 # (never a closure), so a deep-copied patched model routes to its own layers.
+_HOOK_TOKENS: ContextVar[tuple] = ContextVar("lorart_hook_tokens", default=())
+
+
+def _num_sequences(args, kwargs) -> int | None:
+    """Batch size of the call's ``input_ids``/``inputs``/``inputs_embeds`` (None: unknown)."""
+    for t in (kwargs.get("input_ids"), kwargs.get("inputs"), kwargs.get("inputs_embeds"),
+              args[0] if args else None):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return t.shape[0]
+    return None
+
+
 def _adapter_names_pre_hook(module, args, kwargs):
     names = kwargs.pop("adapter_names", None)
+    _HOOK_TOKENS.set((*_HOOK_TOKENS.get(), None))  # popped by the post-hook, even on error
     if names is not None:
-        registry = patch_state(module).registry
-        registry.rows = registry.rows_from_names(names)
-        module.__dict__["_lorart_clear_rows"] = True  # this call set them, it clears
+        route = Route.from_names(patch_state(module).registry, names,
+                                 _num_sequences(args, kwargs))
+        _HOOK_TOKENS.set((*_HOOK_TOKENS.get()[:-1], routing.enter(route)))
     return args, kwargs
 
 
 def _adapter_names_post_hook(module, args, output):
-    if module.__dict__.pop("_lorart_clear_rows", False):
-        patch_state(module).registry.rows = None
+    *rest, token = _HOOK_TOKENS.get() or (None,)
+    _HOOK_TOKENS.set(tuple(rest))
+    if token is not None:
+        routing.leave(token)
     return output
+
+
+def _expansion(model: nn.Module, kwargs) -> int:
+    """How many rows ``generate`` makes of each input: ``max(num_beams,
+    num_return_sequences)``, as ``GenerationMixin._expand_inputs_for_generation``."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    returns = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+    return max(int(beams), int(returns))
 
 
 class _GenerateWithAdapters:
@@ -219,32 +255,43 @@ class _GenerateWithAdapters:
         generate = type(self.model).generate.__get__(self.model)
         if adapter_names is None:
             return generate(*args, **kwargs)
-        registry = patch_state(self.model).registry
-        registry.rows = registry.rows_from_names(adapter_names)
-        try:
+        route = Route.from_names(patch_state(self.model).registry, adapter_names,
+                                 _num_sequences(args, kwargs), _expansion(self.model, kwargs))
+        with routing.using(route):
             return generate(*args, **kwargs)
-        finally:
-            registry.rows = None
 
 
 def _install_hooks(model: nn.Module, state: PatchState) -> None:
-    model.register_forward_pre_hook(_adapter_names_pre_hook, with_kwargs=True)
-    model.register_forward_hook(_adapter_names_post_hook, always_call=True)
+    state.handles = [
+        model.register_forward_pre_hook(_adapter_names_pre_hook, with_kwargs=True),
+        model.register_forward_hook(_adapter_names_post_hook, always_call=True)]
     if callable(getattr(type(model), "generate", None)) and "generate" not in model.__dict__:
         model.__dict__["generate"] = _GenerateWithAdapters(model)
         state.wrapped_generate = True
 
 
-def _remove_hooks(model: nn.Module, state: PatchState) -> None:
-    for hooks, fn in ((model._forward_pre_hooks, _adapter_names_pre_hook),
-                      (model._forward_hooks, _adapter_names_post_hook)):
-        for key in [k for k, h in hooks.items() if h is fn]:
-            del hooks[key]
-            for extra in (model._forward_pre_hooks_with_kwargs, model._forward_hooks_always_called,
-                          model._forward_hooks_with_kwargs):
-                extra.pop(key, None)
-    if state.wrapped_generate:
-        model.__dict__.pop("generate", None)
+@contextlib.contextmanager
+def route(model: nn.Module, adapter_names: Sequence[str | None] | None = None,
+          adapter_ids=None):
+    """Route every forward of ``model`` inside the block (this thread/task only).
+
+    Give exactly one of:
+        adapter_names: one name per sequence (``"__base__"`` or ``None``: no adapter);
+            a layer with ``B·T`` rows gives each name ``T`` consecutive rows.
+        adapter_ids: one *global* adapter index per row ``[M]`` (int tensor or list, or
+            an ``AdapterBatch``; ``-1`` = base; index = position in
+            ``lorart.adapter_names(model)``): for packed, ragged batches where every
+            token has its own adapter (x ``[M, K]`` or ``[1, M, K]``).
+    Checked once here (names known, ids in range); calls to sub-modules are routed too.
+    """
+    registry = ensure_patch_state(model).registry
+    if (adapter_names is None) == (adapter_ids is None):
+        raise ValueError("give exactly one of adapter_names (one per sequence) and "
+                         "adapter_ids (one global index per row)")
+    r = (Route.from_names(registry, adapter_names) if adapter_names is not None
+         else Route.from_ids(registry, adapter_ids))
+    with routing.using(r):
+        yield r
 
 
 # ------------------------------------------------------------------ model-level API
@@ -266,10 +313,10 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     """Use adapter ``name`` for every layer that has it (others run the base);
     ``None`` or ``"__base__"``: no adapter."""
     layers = _layers_or_error(model)
-    if name is not None and name != "__base__" and not any(name in lyr.lora_A for lyr in layers):
+    if name is not None and name != BASE_ADAPTER and not any(name in lyr.lora_A for lyr in layers):
         raise ValueError(f"unknown adapter {name!r}; loaded: {adapter_names(model)}")
     for layer in layers:
-        layer.active_adapter = None if name == "__base__" else name
+        layer.active_adapter = None if name == BASE_ADAPTER else name
 
 
 def add_adapter(model: nn.Module, name: str, r: int = 8, lora_alpha: float | None = None,
@@ -290,6 +337,17 @@ def add_adapter(model: nn.Module, name: str, r: int = 8, lora_alpha: float | Non
     for path, layer in lora_layers(model):
         if path in paths:
             layer.add_adapter(name, r, lora_alpha, use_rslora, init_lora_weights)
+    freeze_base(model)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """PEFT's rule once adapters are added: only the adapters' A and B train; every other
+    parameter (embeddings, norms, base weights, biases) stops requiring grad."""
+    lora = {id(p) for _, layer in lora_layers(model)
+            for p in (*layer.lora_A.values(), *layer.lora_B.values())}
+    for p in model.parameters():
+        if id(p) not in lora:
+            p.requires_grad_(False)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .layers import BASE_ADAPTER, LoRALinear, is_linear_like
-from .patch import ensure_patch_state, find_targets, lora_layers, matches_target, patch
+from .patch import ensure_patch_state, find_targets, freeze_base, lora_layers, matches_target, patch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -261,6 +261,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             layer.delete_adapter(name)
         _undo_patch(model, to_patch, had_state)
         raise
+    freeze_base(model)  # PEFT parity: only adapters train once one is loaded
 
 
 def _exact(paths: list[str]) -> str:

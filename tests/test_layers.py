@@ -239,8 +239,12 @@ def test_bad_arguments():
         layer.add_adapter("a0", 4)
     with pytest.raises(ValueError, match="r must be"):
         layer.add_adapter("z", 0)
-    with pytest.raises(ValueError, match="lora_a must have shape"):
+    with pytest.raises(ValueError, match=r"lora_a must be \[r, in_features\] = \[2, 64\]; "
+                                         r"got \[3, 64\]$"):
         layer.add_adapter("z", 2, lora_a=torch.randn(3, 64), lora_b=torch.randn(37, 2))
+    with pytest.raises(ValueError, match=r"lora_a must be \[r, in_features\] = \[2, 64\]; "
+                                         r"got \[64, 2\] — transposed\?"):
+        layer.add_adapter("z", 2, lora_a=torch.randn(64, 2), lora_b=torch.randn(37, 2))
     with pytest.raises(ValueError, match="unknown adapter"):
         layer.set_adapter("nope")
     with pytest.raises(TypeError, match="nn.Linear"):

@@ -25,9 +25,13 @@ def _stack(n_adapters=3):
     "change,err,match",
     [
         (dict(x=torch.randn(3, K + 1)), ValueError, "x has K=65"),
-        (dict(a=torch.randn(R, K + 1)), ValueError, "lora_a must have shape"),
-        (dict(b=torch.randn(N, R + 1)), ValueError, "lora_b must have shape"),
-        (dict(b=torch.randn(N + 1, R)), ValueError, "lora_b must have shape"),
+        (dict(a=torch.randn(R, K + 1)), ValueError,
+         rf"lora_a must be \[r, K\] = \[{R}, {K}\]; got \[{R}, {K + 1}\]$"),
+        (dict(a=torch.randn(K, R)), ValueError,
+         rf"lora_a must be \[r, K\] = \[{R}, {K}\]; got \[{K}, {R}\] — transposed\?"),
+        (dict(b=torch.randn(N, R + 1)), ValueError, r"lora_b must be \[N, r\]"),
+        (dict(b=torch.randn(N + 1, R)), ValueError, r"lora_b must be \[N, r\]"),
+        (dict(b=torch.randn(R, N)), ValueError, "lora_b .* transposed"),
         (dict(a=torch.randn(R, K, dtype=torch.float64)), TypeError, "lora_a dtype"),
         (dict(w=torch.randn(N, K).bfloat16()), TypeError, "base weight dtype"),
         (dict(w=torch.randn(N, K, 1)), ValueError, "base must be a weight"),
@@ -45,7 +49,7 @@ def test_lora_linear_bad_input(parts, change, err, match):
 
 def test_bad_bias_and_scale(parts):
     p = parts
-    with pytest.raises(ValueError, match="bias must have shape"):
+    with pytest.raises(ValueError, match=r"bias must be \[N\] = "):
         lorart.lora_linear(p["x"], p["w"], p["a"], p["b"], 0.5, bias=torch.randn(N + 1))
     with pytest.raises(TypeError, match="scale must be a Python number"):
         lorart.lora_linear(p["x"], p["w"], p["a"], p["b"], torch.tensor(0.5))
@@ -110,3 +114,34 @@ def test_forced_unknown_backend(parts, monkeypatch):
     monkeypatch.setenv("LORART_BACKEND", "fpga")
     with pytest.raises(ValueError, match="unknown backend 'fpga'"):
         lorart.lora_linear(parts["x"], parts["w"], parts["a"], parts["b"])
+
+
+def test_cpu_binding_checks_buffer_sizes_and_names_arguments():
+    """The C++ boundary takes keyword arguments and checks every buffer against the shapes."""
+    from lorart import _C
+    from lorart.backend.cpu import _buf
+
+    x, w, y = torch.randn(4, 16), torch.randn(8, 16), torch.empty(4, 8)
+    kw = dict(m=4, dtype=0, x=_buf(x), ldx=16, n=8, k=16, scheme=-1, weight=_buf(w),
+              scales=(0, 0), offsets=(0, 0), scale_dtype=0, group_size=0, bias=(0, 0),
+              a=(0, 0), b=(0, 0), total_rank=0, rank_offsets=[0], lora_scales=[],
+              adapter_ids=(0, 0), y=_buf(y), ldy=8, decode_max_rows=4)
+    _C.cpu_forward(**kw)
+    torch.testing.assert_close(y, x @ w.T)
+    for name, small, need in (("x", x[:3], "x \\[M, K\\] has 48 elements; the shapes need 64"),
+                              ("weight", w[:7], "weight \\[N, K\\] has 112 elements; .* 128"),
+                              ("y", y[:3], "y \\[M, N\\] has 24 elements; .* 32")):
+        with pytest.raises(ValueError, match=need):
+            _C.cpu_forward(**{**kw, name: _buf(small.clone())})
+    with pytest.raises(ValueError, match="weight .* is required"):
+        _C.cpu_forward(**{**kw, "weight": (0, 0)})
+    a, b = torch.randn(3, 16), torch.randn(8, 3)
+    with pytest.raises(ValueError, match="b \\[N, R\\] has 21 elements; .* 24"):
+        _C.cpu_forward(**{**kw, "a": _buf(a), "b": _buf(b[:7].clone()), "total_rank": 3,
+                          "rank_offsets": [0, 3], "lora_scales": [1.0]})
+    with pytest.raises(ValueError, match="adapter_ids \\[M\\] has 2 elements; .* 4"):
+        _C.cpu_forward(**{**kw, "a": _buf(a), "b": _buf(b), "total_rank": 3,
+                          "rank_offsets": [0, 3], "lora_scales": [1.0],
+                          "adapter_ids": _buf(torch.zeros(2, dtype=torch.int32))})
+    with pytest.raises(TypeError):  # named arguments: a misspelt one is an error
+        _C.cpu_forward(**{**kw, "adapter_id": (0, 0)})

@@ -18,7 +18,6 @@ from conftest import assert_close
 import lorart
 from lorart import AdapterBatch, AdapterStack, reference
 from lorart.backend import get_backend
-from lorart.backend.base import LoRAArgs
 from lorart.backend.triton import TritonBackend, configs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -218,12 +217,12 @@ def test_fused_gather_and_split_agree_on_the_same_batch():
     stack = make_stack([3, 17, 6], n, k, torch.float32)
     ids = popularity_ids("zipf", m, 3)
     x = torch.randn(m, k, device=DEVICE)
-    lora = LoRAArgs(stack.a, stack.b, stack.rank_offsets_list, stack.scales.tolist())
+    lora = stack.lora_args()
     ref = reference_forward(x, base, None, stack, ids)
     assert_close(fused_forward(x, base, None, lora, ids, gather=True), ref, torch.float32)
     batch = AdapterBatch(ids, 3)
     backend = get_backend("triton")
-    assert_close(backend.forward(x, base, None, lora, ids, batch.segments), ref, torch.float32)
+    assert_close(backend.forward(x, base, None, lora, batch), ref, torch.float32)
 
 
 def test_single_adapter_rank_above_one_block_takes_the_split_path():
@@ -332,7 +331,7 @@ def test_backward_need_flags_direct():
     n, k, m = 8, 32, 5
     base = make_base("asym-g32-fp32", n, k, torch.float32)
     stack = make_stack([3, 5], n, k, torch.float32)
-    lora = LoRAArgs(stack.a, stack.b, stack.rank_offsets_list, stack.scales.tolist())
+    lora = stack.lora_args()
     ids = torch.tensor([1, -1, 0, 1, 1], dtype=torch.int32, device=DEVICE)
     x = torch.randn(m, k, device=DEVICE)
     dy = torch.randn(m, n, device=DEVICE)

@@ -46,7 +46,7 @@ def _compile(kernel, types: dict[str, str], constexprs: dict):
 def _fused_types(dtype: str, out: str) -> dict[str, str]:
     return {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "q_ptr": "*u8", "s_ptr": "*fp16",
             "o_ptr": "*fp16", "t_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{out}",
-            "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "ids_ptr": "*i32", "offs_ptr": "*i32",
+            "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "ids_ptr": "*i32", "offs_ptr": "*i64",
             "lscale_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
             "MAX_RANK": "i32", "GROUPS": "i32", "K_PER_SPLIT": "i32"}
 
@@ -89,7 +89,7 @@ def compile_sgmv_and_backward():
     from lorart.backend.triton import backward, sgmv
 
     blocks = {"DOT": tl.bfloat16, "PREC": "tf32", "BLOCK_M": 64}
-    segs = {"order_ptr": "*i64", "starts_ptr": "*i64", "offs_ptr": "*i32"}
+    segs = {"order_ptr": "*i64", "starts_ptr": "*i64", "offs_ptr": "*i64"}
     _compile(sgmv.sgmv_shrink_kernel,
              {"inp_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*fp32"} | segs
              | {"C": "i32", "OUT_STRIDE": "i32", "STRIDE_R": "i32", "STRIDE_C": "i32"},

@@ -1,9 +1,11 @@
 // pybind11 entry point of lorart._C: the CPU kernels' thin boundary.
 //
-// No libtorch: lorart/backend/cpu.py passes data pointers (as integers), sizes and row
-// strides of tensors it has already validated; this file checks what it can (sizes,
-// enums, alignment of shapes to the packed layout), fills the argument structs and
-// calls the kernel table of the instruction set chosen at run time, without the GIL.
+// No libtorch: lorart/backend/cpu.py passes every buffer as (data pointer, element count)
+// (a Python tuple (int, int); (0, 0) = absent), sizes and row strides of tensors it has
+// already validated. This file checks what it can (each buffer holds what the shapes
+// need, enums, shapes against the packed layout), fills the argument structs and calls
+// the kernel table of the instruction set chosen at run time, without the GIL. Every
+// argument has a name (py::arg), so calls from Python can and do pass them by keyword.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -13,6 +15,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -87,6 +90,27 @@ const T* ptr(uintptr_t p) {
   return reinterpret_cast<const T*>(p);
 }
 
+// A tensor's data pointer and element count, as passed from Python.
+using Buffer = std::pair<uintptr_t, int64_t>;
+
+// The buffer's pointer after checking it holds at least `need` elements (absent: nullptr,
+// allowed only when `optional`).
+uintptr_t checked(const Buffer& buf, int64_t need, const char* what, bool optional = false) {
+  if (buf.first == 0) {
+    if (optional) return 0;
+    throw std::invalid_argument(std::string(what) + " is required");
+  }
+  if (buf.second < need)
+    throw std::invalid_argument(std::string(what) + " has " + std::to_string(buf.second) +
+                                " elements; the shapes need " + std::to_string(need));
+  return buf.first;
+}
+
+// Elements a row-strided [rows, cols] matrix spans.
+int64_t span(int64_t rows, int64_t cols, int64_t ld) {
+  return rows > 0 ? (rows - 1) * ld + cols : 0;
+}
+
 DType dtype_of(int code, const char* what) {
   if (code != 0 && code != 1)
     throw std::invalid_argument(std::string(what) +
@@ -96,104 +120,109 @@ DType dtype_of(int code, const char* what) {
 }
 
 // Fill WeightArgs: scheme -1 = dense W [N, K] in x's dtype, else 0/1/2 = asym/sym/nf4.
-lorart::cpu::WeightArgs weight_args(int64_t n, int64_t k, int scheme, uintptr_t weight,
-                                    uintptr_t scales, uintptr_t offsets, int scale_dtype,
+// weight: dense W [N, K] or packed codes uint8 [N, K/2]; scales/offsets [N, K/group].
+lorart::cpu::WeightArgs weight_args(int64_t n, int64_t k, int scheme, const Buffer& weight,
+                                    const Buffer& scales, const Buffer& offsets, int scale_dtype,
                                     int group_size) {
   lorart::cpu::WeightArgs w;
   w.n = n;
   w.k = k;
   if (n < 0 || k < 0) throw std::invalid_argument("weight: N and K must be >= 0");
   if (scheme == -1) {
-    w.dense = ptr<void>(weight);
+    w.dense = ptr<void>(checked(weight, n * k, "weight [N, K]"));
     return w;
   }
   if (scheme < 0 || scheme > 2) throw std::invalid_argument("scheme must be -1, 0, 1 or 2");
   if (group_size != 32 && group_size != 64 && group_size != 128 && group_size != 256)
     throw std::invalid_argument("group_size must be 32, 64, 128 or 256");
   if (k % group_size != 0) throw std::invalid_argument("K must be a multiple of group_size");
-  if ((scheme == 0) != (offsets != 0))
+  if ((scheme == 0) != (offsets.first != 0))
     throw std::invalid_argument("offsets must be given for asym and only for asym");
   if (scale_dtype != 0 && scale_dtype != 2)
     throw std::invalid_argument("scale dtype code must be 0 (float32) or 2 (float16)");
   w.quantized = true;
-  w.qweight = ptr<uint8_t>(weight);
-  w.scales = ptr<void>(scales);
-  w.offsets = offsets ? ptr<void>(offsets) : nullptr;
+  w.qweight = ptr<uint8_t>(checked(weight, n * (k / 2), "qweight [N, K/2]"));
+  w.scales = ptr<void>(checked(scales, n * (k / group_size), "scales [N, K/group]"));
+  w.offsets = ptr<void>(checked(offsets, n * (k / group_size), "offsets [N, K/group]", true));
   w.scale_dtype = static_cast<DType>(scale_dtype);
   w.group_size = group_size;
   w.scheme = scheme;
   return w;
 }
 
+// a [R, K], b [N, R], ids int32 [M] (absent: every row uses adapter 0).
 // rank_offsets/scales are kept alive by the caller's frame (the vectors below).
-lorart::cpu::AdapterArgs adapter_args(uintptr_t a, uintptr_t b, int64_t total_rank,
+lorart::cpu::AdapterArgs adapter_args(int64_t m, int64_t n, int64_t k, const Buffer& a,
+                                      const Buffer& b, int64_t total_rank,
                                       const std::vector<int64_t>& rank_offsets,
-                                      const std::vector<float>& scales, uintptr_t ids) {
+                                      const std::vector<float>& scales, const Buffer& ids) {
   lorart::cpu::AdapterArgs l;
-  if (a == 0) return l;
+  if (a.first == 0) return l;
   if (rank_offsets.size() != scales.size() + 1)
     throw std::invalid_argument("rank_offsets must have one entry more than scales");
   if (!rank_offsets.empty() && rank_offsets.back() > total_rank)
     throw std::invalid_argument("rank_offsets exceed the adapter stack's rank R");
-  l.a = ptr<void>(a);
-  l.b = ptr<void>(b);
+  l.a = ptr<void>(checked(a, total_rank * k, "a [R, K]"));
+  l.b = ptr<void>(checked(b, n * total_rank, "b [N, R]"));
   l.total_rank = total_rank;
   l.rank_offsets = rank_offsets.data();
   l.scales = scales.data();
   l.num_adapters = static_cast<int>(scales.size());
-  l.adapter_ids = ids ? ptr<int32_t>(ids) : nullptr;
+  l.adapter_ids = ptr<int32_t>(checked(ids, m, "adapter_ids [M]", true));
   return l;
 }
 
 // y [M, N] = x [M, K] Wᵀ + bias + LoRA (see lorart/backend/cpu.py for the argument list).
-void forward(int64_t m, int dtype, uintptr_t x, int64_t ldx, int64_t n, int64_t k, int scheme,
-             uintptr_t weight, uintptr_t scales, uintptr_t offsets, int scale_dtype, int group_size,
-             uintptr_t bias, uintptr_t a, uintptr_t b, int64_t total_rank,
-             const std::vector<int64_t>& rank_offsets, const std::vector<float>& lora_scales,
-             uintptr_t ids, uintptr_t y, int64_t ldy, int64_t decode_max_rows) {
+void forward(int64_t m, int dtype, const Buffer& x, int64_t ldx, int64_t n, int64_t k, int scheme,
+             const Buffer& weight, const Buffer& scales, const Buffer& offsets, int scale_dtype,
+             int group_size, const Buffer& bias, const Buffer& a, const Buffer& b,
+             int64_t total_rank, const std::vector<int64_t>& rank_offsets,
+             const std::vector<float>& lora_scales, const Buffer& ids, const Buffer& y, int64_t ldy,
+             int64_t decode_max_rows) {
   lorart::cpu::ForwardArgs args;
   args.m = m;
   args.dtype = dtype_of(dtype, "x");
-  args.x = ptr<void>(x);
+  args.x = ptr<void>(checked(x, span(m, k, ldx), "x [M, K]"));
   args.ldx = ldx;
-  args.bias = bias ? ptr<void>(bias) : nullptr;
-  args.y = reinterpret_cast<void*>(y);
+  args.bias = ptr<void>(checked(bias, n, "bias [N]", true));
+  args.y = reinterpret_cast<void*>(checked(y, span(m, n, ldy), "y [M, N]"));
   args.ldy = ldy;
   args.w = weight_args(n, k, scheme, weight, scales, offsets, scale_dtype, group_size);
-  args.lora = adapter_args(a, b, total_rank, rank_offsets, lora_scales, ids);
+  args.lora = adapter_args(m, n, k, a, b, total_rank, rank_offsets, lora_scales, ids);
   const KernelTable* table = active().load();
   py::gil_scoped_release release;
   table->forward(args, decode_max_rows);
 }
 
 // dx [M, K], da [R, K] (fp32), db [N, R] (fp32) for a frozen base; 0 = not needed.
-void backward(int64_t m, int dtype, uintptr_t dy, int64_t lddy, uintptr_t x, int64_t ldx, int64_t n,
-              int64_t k, int scheme, uintptr_t weight, uintptr_t scales, uintptr_t offsets,
-              int scale_dtype, int group_size, uintptr_t a, uintptr_t b, int64_t total_rank,
-              const std::vector<int64_t>& rank_offsets, const std::vector<float>& lora_scales,
-              uintptr_t ids, uintptr_t dx, int64_t lddx, uintptr_t da, uintptr_t db) {
+void backward(int64_t m, int dtype, const Buffer& dy, int64_t lddy, const Buffer& x, int64_t ldx,
+              int64_t n, int64_t k, int scheme, const Buffer& weight, const Buffer& scales,
+              const Buffer& offsets, int scale_dtype, int group_size, const Buffer& a,
+              const Buffer& b, int64_t total_rank, const std::vector<int64_t>& rank_offsets,
+              const std::vector<float>& lora_scales, const Buffer& ids, const Buffer& dx,
+              int64_t lddx, const Buffer& da, const Buffer& db) {
   lorart::cpu::BackwardArgs args;
   args.m = m;
   args.dtype = dtype_of(dtype, "x");
-  args.dy = ptr<void>(dy);
+  args.dy = ptr<void>(checked(dy, span(m, n, lddy), "dy [M, N]"));
   args.lddy = lddy;
-  args.x = ptr<void>(x);
+  args.x = ptr<void>(checked(x, span(m, k, ldx), "x [M, K]"));
   args.ldx = ldx;
   args.w = weight_args(n, k, scheme, weight, scales, offsets, scale_dtype, group_size);
-  args.lora = adapter_args(a, b, total_rank, rank_offsets, lora_scales, ids);
-  args.dx = dx ? reinterpret_cast<void*>(dx) : nullptr;
+  args.lora = adapter_args(m, n, k, a, b, total_rank, rank_offsets, lora_scales, ids);
+  args.dx = reinterpret_cast<void*>(checked(dx, span(m, k, lddx), "dx [M, K]", true));
   args.lddx = lddx;
-  args.da = da ? reinterpret_cast<float*>(da) : nullptr;
-  args.db = db ? reinterpret_cast<float*>(db) : nullptr;
+  args.da = reinterpret_cast<float*>(checked(da, total_rank * k, "da [R, K]", true));
+  args.db = reinterpret_cast<float*>(checked(db, n * total_rank, "db [N, R]", true));
   const KernelTable* table = active().load();
   py::gil_scoped_release release;
   table->backward(args);
 }
 
 // out [n1 - n0, K] = rows n0..n1 of a quantized W, dequantized (dtype 0 fp32, 1 bf16).
-void dequantize(int64_t n, int64_t k, int scheme, uintptr_t weight, uintptr_t scales,
-                uintptr_t offsets, int scale_dtype, int group_size, int64_t n0, int64_t n1,
-                uintptr_t out, int dtype) {
+void dequantize(int64_t n, int64_t k, int scheme, const Buffer& weight, const Buffer& scales,
+                const Buffer& offsets, int scale_dtype, int group_size, int64_t n0, int64_t n1,
+                const Buffer& out, int dtype) {
   const lorart::cpu::WeightArgs w =
       weight_args(n, k, scheme, weight, scales, offsets, scale_dtype, group_size);
   if (!w.quantized) throw std::invalid_argument("dequantize: the weight is not quantized");
@@ -201,23 +230,25 @@ void dequantize(int64_t n, int64_t k, int scheme, uintptr_t weight, uintptr_t sc
   const DType dt = dtype_of(dtype, "out");
   const KernelTable* table = active().load();
   py::gil_scoped_release release;
-  table->dequantize(w, n0, n1, dt, reinterpret_cast<void*>(out));
+  void* dst = reinterpret_cast<void*>(checked(out, (n1 - n0) * k, "out [n1 - n0, K]"));
+  table->dequantize(w, n0, n1, dt, dst);
 }
 
 // y [M, N] (holding x Wᵀ + bias) += the LoRA terms.
-void lora_add(int64_t m, int dtype, uintptr_t x, int64_t ldx, int64_t n, int64_t k, uintptr_t a,
-              uintptr_t b, int64_t total_rank, const std::vector<int64_t>& rank_offsets,
-              const std::vector<float>& lora_scales, uintptr_t ids, uintptr_t y, int64_t ldy) {
+void lora_add(int64_t m, int dtype, const Buffer& x, int64_t ldx, int64_t n, int64_t k,
+              const Buffer& a, const Buffer& b, int64_t total_rank,
+              const std::vector<int64_t>& rank_offsets, const std::vector<float>& lora_scales,
+              const Buffer& ids, const Buffer& y, int64_t ldy) {
   lorart::cpu::ForwardArgs args;
   args.m = m;
   args.dtype = dtype_of(dtype, "x");
-  args.x = ptr<void>(x);
+  args.x = ptr<void>(checked(x, span(m, k, ldx), "x [M, K]"));
   args.ldx = ldx;
-  args.y = reinterpret_cast<void*>(y);
+  args.y = reinterpret_cast<void*>(checked(y, span(m, n, ldy), "y [M, N]"));
   args.ldy = ldy;
   args.w.n = n;
   args.w.k = k;
-  args.lora = adapter_args(a, b, total_rank, rank_offsets, lora_scales, ids);
+  args.lora = adapter_args(m, n, k, a, b, total_rank, rank_offsets, lora_scales, ids);
   const KernelTable* table = active().load();
   py::gil_scoped_release release;
   table->lora_add(args);
@@ -254,13 +285,31 @@ int max_threads() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lorart C++ kernels (no libtorch: raw pointers and sizes from Python)";
-  m.def("cpu_forward", &forward, "Fused base + LoRA forward (see lorart/backend/cpu.py)");
-  m.def("cpu_backward", &backward, "Fused LoRA backward for a frozen base");
-  m.def("cpu_dequantize", &dequantize, "Rows of a 4-bit W, dequantized");
-  m.def("cpu_lora_add", &lora_add, "y += LoRA(x) for y = x W^T + bias");
+  // Buffers are (pointer, element count) tuples; see the top of this file.
+  m.def("cpu_forward", &forward, py::arg("m"), py::arg("dtype"), py::arg("x"), py::arg("ldx"),
+        py::arg("n"), py::arg("k"), py::arg("scheme"), py::arg("weight"), py::arg("scales"),
+        py::arg("offsets"), py::arg("scale_dtype"), py::arg("group_size"), py::arg("bias"),
+        py::arg("a"), py::arg("b"), py::arg("total_rank"), py::arg("rank_offsets"),
+        py::arg("lora_scales"), py::arg("adapter_ids"), py::arg("y"), py::arg("ldy"),
+        py::arg("decode_max_rows"), "Fused base + LoRA forward (see lorart/backend/cpu.py)");
+  m.def("cpu_backward", &backward, py::arg("m"), py::arg("dtype"), py::arg("dy"), py::arg("lddy"),
+        py::arg("x"), py::arg("ldx"), py::arg("n"), py::arg("k"), py::arg("scheme"),
+        py::arg("weight"), py::arg("scales"), py::arg("offsets"), py::arg("scale_dtype"),
+        py::arg("group_size"), py::arg("a"), py::arg("b"), py::arg("total_rank"),
+        py::arg("rank_offsets"), py::arg("lora_scales"), py::arg("adapter_ids"), py::arg("dx"),
+        py::arg("lddx"), py::arg("da"), py::arg("db"), "Fused LoRA backward for a frozen base");
+  m.def("cpu_dequantize", &dequantize, py::arg("n"), py::arg("k"), py::arg("scheme"),
+        py::arg("weight"), py::arg("scales"), py::arg("offsets"), py::arg("scale_dtype"),
+        py::arg("group_size"), py::arg("n0"), py::arg("n1"), py::arg("out"), py::arg("dtype"),
+        "Rows n0..n1 of a 4-bit W, dequantized");
+  m.def("cpu_lora_add", &lora_add, py::arg("m"), py::arg("dtype"), py::arg("x"), py::arg("ldx"),
+        py::arg("n"), py::arg("k"), py::arg("a"), py::arg("b"), py::arg("total_rank"),
+        py::arg("rank_offsets"), py::arg("lora_scales"), py::arg("adapter_ids"), py::arg("y"),
+        py::arg("ldy"), "y += LoRA(x) for y = x W^T + bias");
   m.def("set_isa", &set_isa, py::arg("isa"), "Force 'scalar', 'avx2' or 'avx512' kernels");
   m.def("isa", []() { return std::string(active().load()->name); }, "The ISA in use");
   m.def("available_isas", &available_isas, "ISAs this build and CPU support, best first");
-  m.def("stream_sum", &stream_sum, "Bandwidth probe: sum of count float32 at data");
+  m.def("stream_sum", &stream_sum, py::arg("data"), py::arg("count"),
+        "Bandwidth probe: sum of count float32 at data");
   m.def("max_threads", &max_threads, "OpenMP threads the kernels use");
 }

@@ -7,16 +7,27 @@ checked, contiguous 2-D tensors on one device:
     base         dense W [N, K] (x's dtype) or a QuantizedWeight [N, K]
     bias         [N] (x's dtype) or None
     lora         LoRAArgs or None (base only)
-    adapter_ids  [M] int32 in -1..S-1, or None: every row uses adapter 0
+    batch        the batch's AdapterBatch (ids [M] int32 in -1..S-1, validated, and its
+                 cached SGMV segments), or None: every row uses adapter 0. A bare ids
+                 tensor [M] is accepted too (``ids_of`` / ``segments_of`` read either).
+
+Backends never read tensor values back to the host (a device sync on a GPU): the
+adapter metadata comes as host lists and as device tensors (``LoRAArgs.device_meta``),
+both built once per ``AdapterStack`` version.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from ..quant import QuantizedWeight
+from ..quant import SCHEMES, QuantizedWeight
+
+# Scheme ids as every kernel sees them (lorart::Scheme in csrc/common/quant_math.h);
+# -1 is a dense W.
+SCHEME_IDS = {name: i for i, name in enumerate(SCHEMES)}
 
 
 @dataclass
@@ -24,7 +35,8 @@ class LoRAArgs:
     """Packed adapters of one layer (see ``lorart.adapters.AdapterStack``).
 
     a [R, K] and b [N, R] in x's dtype, contiguous; adapter s owns rank rows
-    ``rank_offsets[s]:rank_offsets[s+1]``; ``scales[s]`` multiplies its output.
+    ``rank_offsets[s]:rank_offsets[s+1]``; ``scales[s]`` multiplies its output. Host lists;
+    :meth:`device_meta` gives the same as tensors on a's device, uploaded once.
     """
 
     a: torch.Tensor
@@ -32,14 +44,50 @@ class LoRAArgs:
     rank_offsets: list[int]
     scales: list[float]
 
-    @property
-    def num_adapters(self) -> int:
-        return len(self.scales)
-
-    @property
-    def max_rank(self) -> int:
+    def __post_init__(self) -> None:
         offs = self.rank_offsets
-        return max((hi - lo for lo, hi in zip(offs, offs[1:])), default=0)
+        self.num_adapters = len(self.scales)
+        self.max_rank = max([hi - lo for lo, hi in zip(offs, offs[1:])] or [0])
+        self._device_meta: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def device_meta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rank_offsets int64 [S+1], scales float32 [S])`` on a's device."""
+        if self._device_meta is None:
+            self._device_meta = _device_meta(tuple(self.rank_offsets), tuple(self.scales),
+                                             self.a.device)
+        return self._device_meta
+
+    @classmethod
+    def on_device(cls, a: torch.Tensor, b: torch.Tensor, rank_offsets: torch.Tensor,
+                  scales: torch.Tensor, max_rank: int) -> LoRAArgs:
+        """From device tensors alone (inside a custom op: no host lists there)."""
+        args = cls(a, b, [], [])
+        args.num_adapters, args.max_rank = scales.numel(), max_rank
+        args._device_meta = (rank_offsets, scales)
+        return args
+
+
+@functools.lru_cache(maxsize=1024)
+def _device_meta(rank_offsets: tuple, scales: tuple, device: torch.device):
+    """Uploaded once per value: a single adapter's args are rebuilt per call, and a training
+    stack per forward, with the same offsets and scales every time."""
+    return (torch.tensor(rank_offsets, dtype=torch.int64, device=device),
+            torch.tensor(scales, dtype=torch.float32, device=device))
+
+
+def ids_of(batch) -> torch.Tensor | None:
+    """The ``[M]`` int32 ids of an ``AdapterBatch`` (or of a bare ids tensor), or None."""
+    return getattr(batch, "ids", batch)
+
+
+def segments_of(batch, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order [M], seg_starts [S+2])`` of ``batch`` (see ``AdapterBatch.segments``)."""
+    if not hasattr(batch, "segments"):
+        from ..adapters import AdapterBatch  # a bare tensor of already validated ids
+
+        batch = AdapterBatch(batch, num_adapters, checked=True)
+    order, seg_starts, _ = batch.segments()
+    return order, seg_starts
 
 
 Base = torch.Tensor | QuantizedWeight
@@ -59,14 +107,12 @@ class Backend:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, base: Base, bias: torch.Tensor | None,
-                lora: LoRAArgs | None, adapter_ids: torch.Tensor | None,
-                segments=None) -> torch.Tensor:
+                lora: LoRAArgs | None, batch=None) -> torch.Tensor:
         """``y [M, N]`` in x's dtype (see the module doc for the arguments)."""
         raise NotImplementedError
 
     def backward(self, dy: torch.Tensor, x: torch.Tensor, base: Base, lora: LoRAArgs | None,
-                 adapter_ids: torch.Tensor | None, need_dx: bool, need_dlora: bool,
-                 segments=None,
+                 batch, need_dx: bool, need_dlora: bool,
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """``(dx [M, K], da [R, K], db [N, R])`` for a frozen base; ``None`` where not needed."""
         raise NotImplementedError

@@ -2,7 +2,8 @@
 
 One op chain: ``CpuBackend.forward`` → ``torch.ops.lorart.cpu_lora_forward`` (a
 ``torch.library.custom_op`` with a fake implementation, so ``torch.compile`` traces it)
-→ ``lorart._C.cpu_forward`` (pointers, sizes, row strides; the GIL is released) →
+→ ``lorart._C.cpu_forward`` (keyword arguments: buffers as (pointer, element count) so
+the C++ side checks each against the shapes, sizes, row strides; the GIL is released) →
 the kernel table of the instruction set chosen at run time (AVX-512, AVX2+FMA or
 portable scalar; ``LORART_CPU_ISA`` or :func:`set_isa` forces one).
 
@@ -22,13 +23,12 @@ import torch
 
 from .. import _C
 from ..quant import QuantizedWeight
-from .base import Backend, Base, LoRAArgs
+from .base import SCHEME_IDS, Backend, Base, LoRAArgs, ids_of
 
 __all__ = ["CpuBackend", "available_isas", "isa", "set_isa"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 _SCALE_DTYPE_CODE = {torch.float32: 0, torch.float16: 2}
-_SCHEME_CODE = {"asym": 0, "sym": 1, "nf4": 2}
 _DENSE = -1
 
 # Rows up to which the forward runs the fused decode GEMV (each packed byte unpacked once
@@ -88,8 +88,11 @@ def available_isas() -> list[str]:
     return list(_ISA["available"])
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
+def _buf(t: torch.Tensor | None) -> tuple[int, int]:
+    """``(data pointer, elements from it to the end of its storage)``; ``(0, 0)``: absent."""
+    if t is None:
+        return 0, 0
+    return t.data_ptr(), t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -102,13 +105,13 @@ def _row_stride(t: torch.Tensor) -> int:
 
 
 def _weight_args(weight: torch.Tensor, scales: torch.Tensor | None,
-                 offsets: torch.Tensor | None, scheme: int, group_size: int) -> list:
-    """``[n, k, scheme, weight, scales, offsets, scale_dtype, group_size]`` for ``_C``."""
-    n = weight.shape[0]
-    if scheme == _DENSE:
-        return [n, weight.shape[1], _DENSE, _ptr(weight), 0, 0, 0, 0]
-    return [n, 2 * weight.shape[1], scheme, _ptr(weight), _ptr(scales), _ptr(offsets),
-            _SCALE_DTYPE_CODE[scales.dtype], group_size]
+                 offsets: torch.Tensor | None, scheme: int, group_size: int) -> dict:
+    """The weight's keyword arguments of the ``_C`` functions."""
+    dense = scheme == _DENSE
+    return dict(n=weight.shape[0], k=weight.shape[1] * (1 if dense else 2), scheme=scheme,
+                weight=_buf(weight), scales=_buf(scales), offsets=_buf(offsets),
+                scale_dtype=0 if dense else _SCALE_DTYPE_CODE[scales.dtype],
+                group_size=0 if dense else group_size)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -146,10 +149,12 @@ def _forward_impl(
     a = None if a is None else a.contiguous()
     b = None if b is None else b.contiguous()
     ids = None if adapter_ids is None else adapter_ids.to(torch.int32).contiguous()
-    _C.cpu_forward(m, _DTYPE_CODE[x.dtype], _ptr(x), _row_stride(x),
-                   *_weight_args(weight, scales, offsets, scheme, group_size),
-                   _ptr(bias), _ptr(a), _ptr(b), 0 if b is None else b.shape[1],
-                   rank_offsets, lora_scales, _ptr(ids), _ptr(y), n, decode_max_rows)
+    _C.cpu_forward(m=m, dtype=_DTYPE_CODE[x.dtype], x=_buf(x), ldx=_row_stride(x),
+                   **_weight_args(weight, scales, offsets, scheme, group_size),
+                   bias=_buf(bias), a=_buf(a), b=_buf(b),
+                   total_rank=0 if b is None else b.shape[1], rank_offsets=rank_offsets,
+                   lora_scales=lora_scales, adapter_ids=_buf(ids), y=_buf(y), ldy=n,
+                   decode_max_rows=decode_max_rows)
     return y
 
 
@@ -165,14 +170,15 @@ def _forward_library(x, weight, scales, offsets, scheme, group_size, bias, a, b,
     chunk = max(1, min(n, _LIBRARY_CHUNK_BYTES // (2 * k)))
     w_chunk = torch.empty((chunk, k), dtype=x.dtype)
     if chunk == n:
-        _C.cpu_dequantize(*args, 0, n, w_chunk.data_ptr(), _DTYPE_CODE[x.dtype])
+        _C.cpu_dequantize(**args, n0=0, n1=n, out=_buf(w_chunk), dtype=_DTYPE_CODE[x.dtype])
         y = torch.nn.functional.linear(x, w_chunk, bias)
     else:
         yt = torch.empty((n, m), dtype=x.dtype)
         xt = x.contiguous().T
         for n0 in range(0, n, chunk):
             n1 = min(n, n0 + chunk)
-            _C.cpu_dequantize(*args, n0, n1, w_chunk.data_ptr(), _DTYPE_CODE[x.dtype])
+            _C.cpu_dequantize(**args, n0=n0, n1=n1, out=_buf(w_chunk),
+                              dtype=_DTYPE_CODE[x.dtype])
             if bias is None:
                 torch.mm(w_chunk[: n1 - n0], xt, out=yt[n0:n1])
             else:
@@ -189,8 +195,9 @@ def _add_lora(y, x, a, b, rank_offsets, lora_scales, adapter_ids) -> torch.Tenso
     n = y.shape[1]
     a, b = a.contiguous(), b.contiguous()
     ids = None if adapter_ids is None else adapter_ids.to(torch.int32).contiguous()
-    _C.cpu_lora_add(m, _DTYPE_CODE[x.dtype], _ptr(x), _row_stride(x), n, k, _ptr(a),
-                    _ptr(b), b.shape[1], rank_offsets, lora_scales, _ptr(ids), _ptr(y), n)
+    _C.cpu_lora_add(m=m, dtype=_DTYPE_CODE[x.dtype], x=_buf(x), ldx=_row_stride(x), n=n, k=k,
+                    a=_buf(a), b=_buf(b), total_rank=b.shape[1], rank_offsets=rank_offsets,
+                    lora_scales=lora_scales, adapter_ids=_buf(ids), y=_buf(y), ldy=n)
     return y
 
 
@@ -258,11 +265,13 @@ def cpu_lora_backward(
         a = None if a is None else a.contiguous()
         b = None if b is None else b.contiguous()
         ids = None if adapter_ids is None else adapter_ids.to(torch.int32).contiguous()
-        _C.cpu_backward(m, _DTYPE_CODE[x.dtype], _ptr(dy), _row_stride(dy), _ptr(x),
-                        _row_stride(x), *_weight_args(weight, scales, offsets, scheme, group_size),
-                        _ptr(a), _ptr(b), 0 if b is None else b.shape[1], rank_offsets,
-                        lora_scales, _ptr(ids), _ptr(dx) if need_dx else 0, k,
-                        _ptr(da) if with_lora else 0, _ptr(db) if with_lora else 0)
+        _C.cpu_backward(m=m, dtype=_DTYPE_CODE[x.dtype], dy=_buf(dy), lddy=_row_stride(dy),
+                        x=_buf(x), ldx=_row_stride(x),
+                        **_weight_args(weight, scales, offsets, scheme, group_size),
+                        a=_buf(a), b=_buf(b), total_rank=0 if b is None else b.shape[1],
+                        rank_offsets=rank_offsets, lora_scales=lora_scales,
+                        adapter_ids=_buf(ids), dx=_buf(dx if need_dx else None), lddx=k,
+                        da=_buf(da if with_lora else None), db=_buf(db if with_lora else None))
     if with_lora:
         da, db = da.to(a.dtype), db.to(b.dtype)
     return dx, da, db
@@ -282,7 +291,7 @@ def _(dy, x, weight, scales, offsets, scheme, group_size, a, b, rank_offsets, lo
 def _base_parts(base: Base) -> tuple:
     """``(weight, scales, offsets, scheme_code, group_size)`` of a dense or packed base."""
     if isinstance(base, QuantizedWeight):
-        return (base.qweight, base.scales, base.offsets, _SCHEME_CODE[base.scheme],
+        return (base.qweight, base.scales, base.offsets, SCHEME_IDS[base.scheme],
                 base.group_size)
     return base, None, None, _DENSE, 0
 
@@ -290,7 +299,7 @@ def _base_parts(base: Base) -> tuple:
 def _lora_parts(lora: LoRAArgs | None) -> tuple:
     if lora is None:
         return None, None, [0], []
-    return lora.a, lora.b, list(lora.rank_offsets), [float(s) for s in lora.scales]
+    return lora.a, lora.b, lora.rank_offsets, lora.scales
 
 
 class CpuBackend(Backend):
@@ -318,7 +327,7 @@ class CpuBackend(Backend):
             return f"adapters are {lora.a.dtype}, x is {x.dtype}"
         return None
 
-    def forward(self, x, base, bias, lora, adapter_ids, segments=None):
+    def forward(self, x, base, bias, lora, batch=None):
         weight, scales, offsets, scheme, group_size = _base_parts(base)
         a, b, rank_offsets, lora_scales = _lora_parts(lora)
         # Eager calls skip the dispatcher (~10 us of a ~200 us decode step); traced calls
@@ -326,13 +335,13 @@ class CpuBackend(Backend):
         op = torch.ops.lorart.cpu_lora_forward if torch.compiler.is_compiling() else _forward_impl
         return op(
             x, weight, scales, offsets, scheme, group_size, bias, a, b, rank_offsets,
-            lora_scales, adapter_ids, DECODE_MAX_ROWS)
+            lora_scales, ids_of(batch), DECODE_MAX_ROWS)
 
-    def backward(self, dy, x, base, lora, adapter_ids, need_dx, need_dlora, segments=None):
+    def backward(self, dy, x, base, lora, batch, need_dx, need_dlora):
         weight, scales, offsets, scheme, group_size = _base_parts(base)
         a, b, rank_offsets, lora_scales = _lora_parts(lora)
         dx, da, db = torch.ops.lorart.cpu_lora_backward(
             dy, x, weight, scales, offsets, scheme, group_size, a, b, rank_offsets,
-            lora_scales, adapter_ids, need_dx, need_dlora and lora is not None)
+            lora_scales, ids_of(batch), need_dx, need_dlora and lora is not None)
         with_lora = need_dlora and lora is not None
         return (dx if need_dx else None, da if with_lora else None, db if with_lora else None)

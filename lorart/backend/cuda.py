@@ -20,13 +20,12 @@ import importlib
 import torch
 
 from ..quant import QuantizedWeight
-from .base import Backend, Base, LoRAArgs
+from .base import SCHEME_IDS, Backend, Base, LoRAArgs, ids_of
 from .torch_backend import TorchBackend
 
 MAX_ROWS = 16  # the kernels' largest M (two m8 tensor-core tiles); csrc/cuda/decode.h
 _DTYPES = (torch.float16, torch.bfloat16)
 _ACT = {torch.float16: 0, torch.bfloat16: 1}
-_SCHEME = {"asym": 0, "sym": 1, "nf4": 2}  # lorart::Scheme in csrc/common/quant_math.h
 _UNVERIFIED = "unverified on a GPU"
 
 
@@ -66,7 +65,7 @@ def _check_op_args(x, weight, scales, offsets, bias, lora_a, lora_b, rank_offset
         if 2 * weight.shape[1] != k:
             raise ValueError(f"qweight must be [N, K/2] = [{n}, {k // 2}], got "
                              f"{tuple(weight.shape)}")
-        if scheme not in _SCHEME.values():
+        if scheme not in SCHEME_IDS.values():
             raise ValueError(f"scheme must be 0 (asym), 1 (sym) or 2 (nf4), got {scheme}")
         if group_size not in (32, 64, 128, 256) or k % group_size:
             raise ValueError(f"group_size must be 32..256 and divide K={k}, got {group_size}")
@@ -74,7 +73,7 @@ def _check_op_args(x, weight, scales, offsets, bias, lora_a, lora_b, rank_offset
             if t is not None and tuple(t.shape) != (n, k // group_size):
                 raise ValueError(f"{name} must be [N, K/group] = [{n}, {k // group_size}], "
                                  f"got {tuple(t.shape)}")
-        if scales is None or (offsets is None) != (scheme != _SCHEME["asym"]):
+        if scales is None or (offsets is None) != (scheme != SCHEME_IDS["asym"]):
             raise ValueError("scales are required, and offsets exactly for scheme asym")
     elif weight.dtype != x.dtype or weight.shape[1] != k:
         raise ValueError(f"dense weight must be [N, K={k}] in x's dtype {x.dtype}, got "
@@ -191,11 +190,6 @@ def _cuda_lora_decode_fake(x, weight, scales, offsets, bias, lora_a, lora_b, ran
 class CudaBackend(Backend):
     name = "cuda"
 
-    def __init__(self) -> None:
-        # Device copies of (rank_offsets, scales), keyed by their values: the op surface
-        # hands Python lists, and re-uploading them every layer would cost a copy each.
-        self._meta: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
     def status(self) -> tuple[bool, str]:
         try:
             mod = _module()
@@ -223,7 +217,7 @@ class CudaBackend(Backend):
         if x.shape[0] > MAX_ROWS:
             return f"the CUDA decode kernels take at most {MAX_ROWS} rows, got M={x.shape[0]}"
         if isinstance(base, QuantizedWeight):
-            if base.scheme not in _SCHEME:
+            if base.scheme not in SCHEME_IDS:
                 return f"no CUDA kernel for scheme={base.scheme!r}"
         elif base.dtype != x.dtype:
             return f"dense base dtype {base.dtype} differs from x dtype {x.dtype}"
@@ -231,35 +225,24 @@ class CudaBackend(Backend):
             return "adapters must be in x's dtype"
         return None
 
-    def _adapter_meta(self, lora: LoRAArgs, device: torch.device):
-        key = (tuple(lora.rank_offsets), tuple(lora.scales), str(device))
-        meta = self._meta.get(key)
-        if meta is None:
-            if len(self._meta) >= 256:  # bounded: adapters come and go
-                self._meta.clear()
-            meta = (torch.tensor(lora.rank_offsets, dtype=torch.int64, device=device),
-                    torch.tensor(lora.scales, dtype=torch.float32, device=device))
-            self._meta[key] = meta
-        return meta
-
-    def forward(self, x, base, bias, lora, adapter_ids, segments=None):
+    def forward(self, x, base, bias, lora, batch=None):
         if isinstance(base, QuantizedWeight):
             weight, scales = base.qweight.contiguous(), base.scales.contiguous()
             offsets = None if base.offsets is None else base.offsets.contiguous()
-            group_size, scheme = base.group_size, _SCHEME[base.scheme]
+            group_size, scheme = base.group_size, SCHEME_IDS[base.scheme]
         else:
             weight, scales, offsets, group_size, scheme = base, None, None, 0, 0
         a = b = offs = lora_scales = None
         max_rank = 0
         if lora is not None and lora.max_rank > 0:
             a, b, max_rank = lora.a, lora.b, lora.max_rank
-            offs, lora_scales = self._adapter_meta(lora, x.device)
+            offs, lora_scales = lora.device_meta()
         bias = None if bias is None else bias.contiguous()
-        ids = None if adapter_ids is None else adapter_ids.to(torch.int32).contiguous()
+        ids = ids_of(batch)
         return torch.ops.lorart.cuda_lora_decode(x, weight, scales, offsets, bias, a, b, offs,
                                                  lora_scales, ids, group_size, scheme, max_rank)
 
-    def backward(self, dy, x, base, lora, adapter_ids, need_dx, need_dlora, segments=None):
+    def backward(self, dy, x, base, lora, batch, need_dx, need_dlora):
         # Decode is inference; training runs through the torch reference (or pick the
         # triton backend, which has backward kernels) until CUDA backward kernels exist.
-        return TorchBackend().backward(dy, x, base, lora, adapter_ids, need_dx, need_dlora)
+        return TorchBackend().backward(dy, x, base, lora, batch, need_dx, need_dlora)

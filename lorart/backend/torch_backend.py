@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .base import Backend, Base, LoRAArgs
+from .base import Backend, Base, LoRAArgs, ids_of
 
 
 class TorchBackend(Backend):
@@ -17,13 +17,15 @@ class TorchBackend(Backend):
     def unsupported(self, x: torch.Tensor, base: Base, lora: LoRAArgs | None) -> str | None:
         return None
 
-    def forward(self, x, base, bias, lora, adapter_ids, segments=None):
+    def forward(self, x, base, bias, lora, batch=None):
+        adapter_ids = ids_of(batch)
         if lora is None:
             return reference.lora_forward(x, base, bias, None, None, [0], [], adapter_ids)
         return reference.lora_forward(x, base, bias, lora.a, lora.b, lora.rank_offsets,
                                       lora.scales, adapter_ids)
 
-    def backward(self, dy, x, base, lora, adapter_ids, need_dx, need_dlora, segments=None):
+    def backward(self, dy, x, base, lora, batch, need_dx, need_dlora):
+        adapter_ids = ids_of(batch)
         if lora is None:
             dx, _, _ = reference.lora_backward(dy, x, base, None, None, [0], [], adapter_ids)
             return dx, None, None

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..patch import patch_state, set_adapter
+from ..patch import patch_state, route, set_adapter
 from .data import IGNORE_INDEX, Batch
 
 
@@ -77,15 +77,10 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None]):
     also covers calls to sub-modules (the decoder alone), which the top-level hook
     does not see. ``None`` in ``names`` means base only.
     """
-    state = patch_state(model)
-    if state is None:
+    if patch_state(model) is None:
         raise ValueError("model is not patched by lorart (call lorart.patch first)")
-    registry = state.registry
-    registry.rows = registry.rows_from_names(["__base__" if n is None else n for n in names])
-    try:
+    with route(model, adapter_names=names):  # per call (a ContextVar), thread-safe
         yield
-    finally:
-        registry.rows = None
 
 
 def split_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module]:

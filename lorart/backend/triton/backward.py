@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import configs, sgmv
-from .launch import WeightArgs, adapter_meta, batch_segments, dot_dtype, dot_precision
+from .launch import WeightArgs, batch_segments, dot_dtype, dot_precision
 from .weights import weight_tile
 
 
@@ -69,13 +69,12 @@ def dx_base(dy: torch.Tensor, base) -> torch.Tensor:
     return dx
 
 
-def lora_linear_backward(dy: torch.Tensor, x: torch.Tensor, base, lora,
-                         adapter_ids: torch.Tensor | None, need_dx: bool, need_dlora: bool,
-                         segments=None):
+def lora_linear_backward(dy: torch.Tensor, x: torch.Tensor, base, lora, batch,
+                         need_dx: bool, need_dlora: bool):
     """``(dx [M, K], da [R, K], db [N, R])`` in x's dtype; ``None`` where not needed.
 
-    ``adapter_ids`` ``None`` means every row uses adapter 0; ``segments`` is the batch's
-    cached ``AdapterBatch.segments`` callable (computed here when not given).
+    ``batch``: the ``AdapterBatch`` (its cached segments are used), or ``None``: every row
+    uses adapter 0.
     """
     m, k = x.shape
     dx32 = dx_base(dy, base) if need_dx else None
@@ -83,8 +82,8 @@ def lora_linear_backward(dy: torch.Tensor, x: torch.Tensor, base, lora,
     if lora is not None and (need_dx or need_dlora) and m > 0:
         a, b = lora.a, lora.b
         r_total, s_count, max_rank = a.shape[0], lora.num_adapters, lora.max_rank
-        offs, scales = adapter_meta(lora.rank_offsets, lora.scales, x.device)
-        order, seg_starts = batch_segments(adapter_ids, s_count, m, x.device, segments)
+        offs, scales = lora.device_meta()
+        order, seg_starts = batch_segments(batch, s_count, m, x.device)
         # dY·B_s: a shrink by Bᵀ (V(r, n) = b[n, lo + r]).
         dyb = sgmv.shrink(dy, b, 1, r_total, order, seg_starts, offs, s_count, max_rank,
                           x.dtype)

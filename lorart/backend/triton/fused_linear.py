@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .launch import WeightArgs, adapter_meta, dot_dtype, dot_precision
+from .launch import WeightArgs, dot_dtype, dot_precision
 from .weights import weight_tile
 
 
@@ -143,7 +143,7 @@ def fused_forward(x: torch.Tensor, base, bias: torch.Tensor | None, lora,
     if mode == 2 and adapter_ids is None:
         raise ValueError("adapter_ids are required for the per-row (gather) LoRA mode")
     if lora is not None:
-        offs, lscales = adapter_meta(lora.rank_offsets, lora.scales, x.device)
+        offs, lscales = lora.device_meta()
         a, b, r_total, max_rank = lora.a, lora.b, lora.a.shape[0], lora.max_rank
     else:
         offs = lscales = a = b = x

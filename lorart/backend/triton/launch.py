@@ -1,8 +1,8 @@
-"""What every Triton launcher shares: operand dtypes, weight arguments, adapter metadata.
+"""What every Triton launcher shares: operand dtypes and weight arguments.
 
-Kernels take plain pointers and sizes. This module turns lorart's Python objects
-(``QuantizedWeight``, ``LoRAArgs``, per-batch segments) into those arguments, and
-chooses the ``tl.dot`` operand dtype per call:
+Kernels take plain pointers and sizes. This module turns a ``QuantizedWeight`` into
+those arguments (adapter metadata comes from ``LoRAArgs.device_meta``, the batch's
+segments from its ``AdapterBatch``), and chooses the ``tl.dot`` operand dtype per call:
 
 - on a GPU, the input dtype itself (bf16 / fp16 tensor cores; fp32 with
   ``input_precision="ieee"`` so fp32 results are exact, not TF32);
@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import OrderedDict
 
 import torch
 import triton.language as tl
 
 from ...quant import QuantizedWeight, code_table
-
-# Scheme ids as the kernels see them (tl.constexpr).
-SCHEME_IDS = {"asym": 0, "sym": 1, "nf4": 2}
+from ..base import SCHEME_IDS, segments_of
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -92,44 +89,13 @@ def _code_table(scheme: str, device: torch.device) -> torch.Tensor:
     return _TABLES[key]
 
 
-# Per-layer adapter metadata (rank offsets as int32, scales as fp32) on the device, cached
-# by value so a decode loop does not copy them host-to-device at every layer call.
-_META: OrderedDict = OrderedDict()
-_META_CAPACITY = 1024
-
-
-def adapter_meta(rank_offsets: list[int], scales: list[float],
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rank_offsets int32 [S+1], scales fp32 [S])`` on ``device``."""
-    key = (tuple(rank_offsets), tuple(scales), str(device))
-    hit = _META.get(key)
-    if hit is None:
-        hit = (torch.tensor(rank_offsets, dtype=torch.int32, device=device),
-               torch.tensor(scales, dtype=torch.float32, device=device))
-        _META[key] = hit
-        if len(_META) > _META_CAPACITY:
-            _META.popitem(last=False)
-    else:
-        _META.move_to_end(key)
-    return hit
-
-
-def batch_segments(adapter_ids: torch.Tensor | None, num_adapters: int, m: int,
-                   device: torch.device, segments=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(order [M] int64, seg_starts [S+2] int64)`` as ``AdapterBatch.segments()`` defines.
-
-    ``segments`` (the op surface's cached callable) is used when given, so the metadata
-    is computed once per batch for every layer. Without ids every row uses adapter 0.
-    """
-    if segments is not None:
-        order, seg_starts, _ = segments()
-        return order, seg_starts
-    if adapter_ids is None:  # device-side fills only: no host-to-device copy (graph-safe)
-        order = torch.arange(m, dtype=torch.int64, device=device)
-        seg_starts = torch.full((num_adapters + 2,), m, dtype=torch.int64, device=device)
-        seg_starts[:2] = 0
-        return order, seg_starts
-    from ...adapters import AdapterBatch
-
-    order, seg_starts, _ = AdapterBatch(adapter_ids, num_adapters).segments()
-    return order, seg_starts
+def batch_segments(batch, num_adapters: int, m: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order [M] int64, seg_starts [S+2] int64)`` of the batch (``AdapterBatch.segments``,
+    computed once per batch for every layer). Without a batch every row uses adapter 0
+    (device fills only: no host-to-device copy)."""
+    if batch is not None:
+        return segments_of(batch, num_adapters)
+    seg_starts = torch.full((num_adapters + 2,), m, dtype=torch.int64, device=device)
+    seg_starts[:2] = 0
+    return torch.arange(m, dtype=torch.int64, device=device), seg_starts

@@ -166,44 +166,47 @@ class BoundLinear:
         self._cpu_args = self._bind_cpu() if self.device.type == "cpu" else None
 
     def _bind_cpu(self) -> tuple | None:
-        """The fixed arguments of ``lorart._C.cpu_forward`` (None: use the op surface)."""
+        """``(cpu_forward, fixed keyword arguments)`` (None: use the op surface)."""
         try:
             from .._C import cpu_forward
             from ..backend import cpu as cpu_backend
+            from ..backend.base import SCHEME_IDS
         except ImportError:
             return None
         if self.dtype not in cpu_backend._DTYPE_CODE:
             return None
         base = self.base
         if isinstance(base, QuantizedWeight):
-            if base.scheme not in cpu_backend._SCHEME_CODE or \
-                    base.scales.dtype not in cpu_backend._SCALE_DTYPE_CODE:
+            if base.scheme not in SCHEME_IDS or cpu_backend.CpuBackend().unsupported(
+                    torch.empty(1, base.shape[1], dtype=self.dtype), base, None) is not None:
                 return None
             weight_args = cpu_backend._weight_args(
-                base.qweight, base.scales, base.offsets, cpu_backend._SCHEME_CODE[base.scheme],
+                base.qweight, base.scales, base.offsets, SCHEME_IDS[base.scheme],
                 base.group_size)
         else:
             weight_args = cpu_backend._weight_args(base, None, None, cpu_backend._DENSE, 0)
-        a, b = self.lora_a, self.lora_b
-        rank = 0 if b is None else b.shape[1]
-        lora = [0 if a is None else a.data_ptr(), 0 if b is None else b.data_ptr(), rank,
-                [0, rank] if rank else [0], [1.0] if rank else []]
-        return (cpu_forward, cpu_backend._DTYPE_CODE[self.dtype], weight_args, lora,
-                cpu_backend.DECODE_MAX_ROWS)
+        rank = 0 if self.lora_b is None else self.lora_b.shape[1]
+        fixed = dict(dtype=cpu_backend._DTYPE_CODE[self.dtype], ldx=self.in_features,
+                     **weight_args, a=cpu_backend._buf(self.lora_a),
+                     b=cpu_backend._buf(self.lora_b), total_rank=rank,
+                     rank_offsets=[0, rank] if rank else [0], lora_scales=[1.0] if rank else [],
+                     adapter_ids=(0, 0), ldy=self.out_features,
+                     decode_max_rows=cpu_backend.DECODE_MAX_ROWS)
+        return cpu_forward, fixed
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``y [M, N]`` for ``x [M, K]``; ``residual [M, N]``, when given, is added."""
         if self._cpu_args is None or x.dtype != self.dtype or x.device != self.device:
             y = lora_linear(x, self.base, self.lora_a, self.lora_b, 1.0, self.bias)
             return y if residual is None else y.add_(residual)
-        cpu_forward, dtype_code, weight_args, lora, decode_max_rows = self._cpu_args
+        cpu_forward, fixed = self._cpu_args
         x = x.contiguous()
-        m = x.shape[0]
+        m, n = x.shape[0], self.out_features
         bias = self.bias
         if residual is not None and m == 1 and bias is None and residual.is_contiguous():
             bias, residual = residual, None  # one row: the residual is a bias vector
-        y = torch.empty((m, self.out_features), dtype=x.dtype, device=x.device)
-        cpu_forward(m, dtype_code, x.data_ptr(), self.in_features, *weight_args,
-                    0 if bias is None else bias.data_ptr(), *lora, 0, y.data_ptr(),
-                    self.out_features, decode_max_rows)
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        cpu_forward(m=m, x=(x.data_ptr(), x.numel()),
+                    bias=(0, 0) if bias is None else (bias.data_ptr(), n),
+                    y=(y.data_ptr(), m * n), **fixed)
         return y if residual is None else y.add_(residual)

@@ -24,6 +24,8 @@ from __future__ import annotations
 from .adapters import AdapterBatch, AdapterStack
 from .backend import available_backends as _available_backends
 from .layers import AdapterRegistry, LoRALinear
+from .merge import merge_and_unload  # formats (#14)
+from .model_io import load_model, save_model  # formats (#14)
 from .ops import lora_linear, multi_lora_linear
 from .patch import (
     adapter_names,
@@ -69,13 +71,16 @@ __all__ = [
     "disable_adapters",
     "from_gguf",
     "load_adapter",
+    "load_model",
     "lora_linear",
     "merge_adapter",
+    "merge_and_unload",
     "multi_lora_linear",
     "patch",
     "quantize",
     "route",
     "save_adapter",
+    "save_model",
     "set_adapter",
     "unmerge_adapter",
     "unpatch",

@@ -246,6 +246,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 
     # Apply. Nothing below can fail on valid input; roll back anyway if it does.
     to_patch = [p for p, *_ in plan if not isinstance(modules[p], LoRALinear)]
+    quant = _model_quantization(model, [(p, modules[p]) for p in to_patch], where)
     had_state = "_lorart_patch_state" in model.__dict__
     added: list[LoRALinear] = []
     try:
@@ -261,7 +262,46 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             layer.delete_adapter(name)
         _undo_patch(model, to_patch, had_state)
         raise
+    if quant is not None:  # last: the float weights are freed only once all else succeeded
+        for p in to_patch:
+            _quantize_layer(model.get_submodule(p), *quant)
     freeze_base(model)  # PEFT parity: only adapters train once one is loaded
+
+
+def _model_quantization(model: nn.Module, new_layers: list, where: str) -> tuple | None:
+    """``(scheme, group_size, scale_dtype)`` the model's quantized ``LoRALinear`` layers use
+    most (``None`` for a dense model), checked to fit every newly targeted layer, so
+    ``load_adapter`` quantizes the layers it patches the way the model was quantized."""
+    from .quant import bits_of, check_group_size
+
+    kinds = Counter((lyr.scheme, lyr.group_size, lyr.scales.dtype)
+                    for _, lyr in lora_layers(model) if lyr.is_quantized)
+    if not kinds or not new_layers:
+        return None
+    scheme, group_size, scale_dtype = kinds.most_common(1)[0][0]
+    for path, module in new_layers:
+        in_f = _linear_shape(module)[1]
+        try:
+            check_group_size(group_size, in_f, bits_of(scheme))
+        except ValueError as exc:
+            raise ValueError(f"{where}: the model is quantized ({scheme}, group {group_size}) "
+                             f"but newly targeted {path!r} cannot be: {exc}") from exc
+        if not bool(torch.isfinite(module.weight).all()):
+            raise ValueError(f"{where}: newly targeted {path!r} has NaN/inf weights; cannot "
+                             f"quantize it like the rest of the model")
+    return scheme, group_size, scale_dtype
+
+
+def _quantize_layer(layer: LoRALinear, scheme: str, group_size: int, scale_dtype) -> None:
+    """Replace a dense ``LoRALinear`` base by its quantized form and free the float weight
+    its original module held (as ``LoRALinear.from_linear(..., quantize_scheme)`` does)."""
+    from .quant import quantize
+
+    w = layer.weight.detach()
+    layer._set_base(quantize(w, group_size, scheme, scale_dtype))
+    original = layer.original
+    if original is not None:
+        original.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
 
 
 def _exact(paths: list[str]) -> str:
@@ -299,6 +339,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     ``PeftModel.from_pretrained(base_model, path)`` loads it to the same outputs:
     the most common rank/alpha become ``r``/``lora_alpha``, others go into
     ``rank_pattern``/``alpha_pattern`` keyed by exact module path.
+    ``base_model_name_or_path`` defaults to the model's own (``config._name_or_path``, or
+    the GGUF file of ``lorart.from_gguf``) and ``task_type`` is PEFT's name for the
+    model's head (``CAUSAL_LM`` for ``*ForCausalLM`` ...) when known, else ``None``.
     """
     from safetensors.torch import save_file
 
@@ -321,9 +364,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                 matches_target(p, suffixes)}
     if selected != set(paths):  # suffix names would select other layers: be exact
         target_modules = _exact(paths)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = _name_or_path(model)
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type(model),
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": alpha,
@@ -347,3 +392,29 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     root.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(root / WEIGHTS_NAME), metadata={"format": "pt"})
     (root / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# PEFT TaskType by the transformers head class name's suffix.
+_TASK_TYPES = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+)
+
+
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for ``model`` (by its class name), ``None`` when unknown."""
+    cls = type(model).__name__
+    for suffix, task in _TASK_TYPES:
+        if cls.endswith(suffix):
+            return task
+    return None
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return str(name) if name else None

@@ -1,7 +1,7 @@
-"""4-bit group-quantized weights: one packed layout for every lorart kernel.
+"""4- and 8-bit group-quantized weights: the packed layouts every lorart kernel reads.
 
-Layout of a ``QuantizedWeight`` for a base weight ``W [N, K]`` (out, in), groups of
-``group_size`` consecutive values along K:
+Layout of a 4-bit ``QuantizedWeight`` (schemes ``asym``, ``sym``, ``nf4``) for a base
+weight ``W [N, K]`` (out, in), groups of ``group_size`` consecutive values along K:
 
     qweight  uint8 [N, K // 2]          byte j of row n: code of k = 2j in the low
                                          nibble, code of k = 2j + 1 in the high nibble
@@ -13,6 +13,20 @@ Layout of a ``QuantizedWeight`` for a base weight ``W [N, K]`` (out, in), groups
 with ``table`` = ``[0..15]`` (asym), ``[-8..7]`` (sym) or the 16 NF4 values (nf4).
 Rows of W stay contiguous along K, so a decode kernel streams each row once; the
 same arithmetic lives in ``csrc/common/quant_math.h`` for the C++ and CUDA kernels.
+
+The 8-bit layout (scheme ``int8``) keeps one signed code a byte, rows contiguous:
+
+    qweight  int8 [N, K]                 code of (n, k) at [n, k]
+    scales   float16|float32 [N, K // g]
+    offsets  like scales, or ``None``    (optional for ``int8``)
+
+    W[n, k] = scales[n, k // g] * q(n, k) + offsets[n, k // g]     (+ 0 without offsets)
+
+Symmetric int8 (``quantize(..., scheme="int8")``, GGUF Q8_0) has no offsets. With
+float32 scales (and offsets) it holds GGUF's 5-, 6- and 8-bit blocks exactly: Q5_0
+(q − 16), Q5_1/Q5_K (q in 0..31 plus an offset), Q6_K (q − 32, groups of 16), Q8_0
+(see ``lorart.convert.gguf``). Group sizes: 32..256 for 4 bits (the C++/CUDA kernels'
+unit), 16..256 for 8 bits (Q6_K's sub-blocks are 16 values).
 
 Scales are float16 by default (GGUF and GPTQ store float16, so their conversion is
 exact); float32 is kept where the source has it (bitsandbytes absmax, GPTQ
@@ -27,8 +41,11 @@ from pathlib import Path
 
 import torch
 
-SCHEMES = ("asym", "sym", "nf4")
-GROUP_SIZES = (32, 64, 128, 256)
+SCHEMES = ("asym", "sym", "nf4")  # the 4-bit schemes (kept as before for their users)
+SCHEMES_8BIT = ("int8",)
+ALL_SCHEMES = SCHEMES + SCHEMES_8BIT
+GROUP_SIZES = (32, 64, 128, 256)  # 4-bit
+GROUP_SIZES_8BIT = (16, 32, 64, 128, 256)
 SCALE_DTYPES = (torch.float16, torch.float32)
 
 # The 16 NormalFloat-4 values of QLoRA (Dettmers et al. 2023); same as quant_math.h.
@@ -51,13 +68,16 @@ NF4_VALUES = (
     1.0,
 )
 
-_FORMAT = "lorart.q4"
+_FORMAT = "lorart.q4"  # files of either bit width (the name predates the 8-bit layout)
 _FORMAT_VERSION = "1"
 
 
 def code_table(scheme: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """The value each 4-bit code stands for before scaling, ``[16]`` float32."""
     check_scheme(scheme)
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme {scheme!r} has no 16-entry code table (8-bit codes are "
+                         f"their own values)")
     if scheme == "asym":
         values = torch.arange(16, dtype=torch.float32)
     elif scheme == "sym":
@@ -68,13 +88,21 @@ def code_table(scheme: str, device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 def check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if scheme not in ALL_SCHEMES:
+        raise ValueError(f"scheme must be one of {ALL_SCHEMES}, got {scheme!r}")
 
 
-def check_group_size(group_size: int, k: int | None = None) -> None:
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+def bits_of(scheme: str) -> int:
+    """Bits a code of ``scheme`` takes: 8 for ``int8``, else 4."""
+    check_scheme(scheme)
+    return 8 if scheme == "int8" else 4
+
+
+def check_group_size(group_size: int, k: int | None = None, bits: int = 4) -> None:
+    allowed = GROUP_SIZES_8BIT if bits == 8 else GROUP_SIZES
+    if group_size not in allowed:
+        raise ValueError(f"group_size must be one of {allowed} for {bits}-bit weights, got "
+                         f"{group_size!r}")
     if k is not None and k % group_size != 0:
         raise ValueError(
             f"in_features K={k} is not divisible by group_size={group_size}; "
@@ -97,14 +125,16 @@ def unpack_codes(qweight: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class QuantizedWeight:
-    """A 4-bit group-quantized base weight ``W [N, K]`` in lorart's packed layout.
+    """A group-quantized base weight ``W [N, K]`` in lorart's packed layout (module doc).
 
     Attributes:
-        qweight: ``[N, K // 2]`` uint8, two codes a byte (low nibble = even k).
+        qweight: 4-bit: ``[N, K // 2]`` uint8, two codes a byte (low nibble = even k);
+            ``int8``: ``[N, K]`` int8, one code a byte.
         scales: ``[N, K // group_size]`` float16 or float32.
-        offsets: like ``scales`` for ``asym``; ``None`` for ``sym`` and ``nf4``.
-        group_size: values along K sharing one scale (32, 64, 128 or 256).
-        scheme: ``"asym"``, ``"sym"`` or ``"nf4"``.
+        offsets: like ``scales`` for ``asym`` (required) and ``int8`` (optional);
+            ``None`` for ``sym`` and ``nf4``.
+        group_size: values along K sharing one scale (32..256; 16..256 for ``int8``).
+        scheme: ``"asym"``, ``"sym"``, ``"nf4"`` or ``"int8"``.
     """
 
     qweight: torch.Tensor
@@ -114,15 +144,15 @@ class QuantizedWeight:
     scheme: str
 
     def __post_init__(self) -> None:
-        check_scheme(self.scheme)
-        if self.qweight.dtype != torch.uint8 or self.qweight.dim() != 2:
+        bits = bits_of(self.scheme)
+        want = (torch.int8, "[N, K]") if bits == 8 else (torch.uint8, "[N, K/2]")
+        if self.qweight.dtype != want[0] or self.qweight.dim() != 2:
             raise TypeError(
-                f"qweight must be a 2-D uint8 tensor [N, K/2], got "
-                f"{self.qweight.dtype} of shape {tuple(self.qweight.shape)}"
+                f"qweight must be a 2-D {want[0]} tensor {want[1]} for scheme "
+                f"{self.scheme!r}, got {self.qweight.dtype} of shape {tuple(self.qweight.shape)}"
             )
-        n, half_k = self.qweight.shape
-        k = 2 * half_k
-        check_group_size(self.group_size, k)
+        n, k = self.shape
+        check_group_size(self.group_size, k, bits)
         groups = k // self.group_size
         for name in ("scales", "offsets"):
             t = getattr(self, name)
@@ -136,16 +166,22 @@ class QuantizedWeight:
             if t.device != self.qweight.device:
                 raise ValueError(f"{name} is on {t.device} but qweight is on "
                                  f"{self.qweight.device}")
-        if (self.offsets is None) != (self.scheme != "asym"):
-            raise ValueError("offsets must be given for scheme 'asym' and only for it")
+        if self.scheme != "int8" and (self.offsets is None) != (self.scheme != "asym"):
+            raise ValueError("offsets must be given for scheme 'asym', may be given for "
+                             "'int8', and are not allowed for 'sym' and 'nf4'")
         if self.offsets is not None and self.offsets.dtype != self.scales.dtype:
             raise TypeError("offsets and scales must share a dtype")
 
     # ----------------------------------------------------------------- properties
     @property
+    def bits(self) -> int:
+        """4 or 8: bits per code."""
+        return bits_of(self.scheme)
+
+    @property
     def shape(self) -> torch.Size:
         """``(N, K)``: out_features, in_features."""
-        return torch.Size((self.qweight.shape[0], 2 * self.qweight.shape[1]))
+        return torch.Size((self.out_features, self.in_features))
 
     @property
     def out_features(self) -> int:
@@ -153,7 +189,8 @@ class QuantizedWeight:
 
     @property
     def in_features(self) -> int:
-        return 2 * self.qweight.shape[1]
+        per_byte = 1 if self.scheme == "int8" else 2
+        return per_byte * self.qweight.shape[1]
 
     @property
     def device(self) -> torch.device:
@@ -169,17 +206,21 @@ class QuantizedWeight:
 
     # ----------------------------------------------------------------- conversion
     def codes(self) -> torch.Tensor:
-        """Unpacked codes ``[N, K]`` int64."""
+        """Unpacked codes ``[N, K]`` int64 (4-bit: 0..15; int8: -128..127)."""
+        if self.scheme == "int8":
+            return self.qweight.to(torch.int64)
         return unpack_codes(self.qweight)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight ``[N, K]``, computed in float32 and cast to ``dtype``."""
-        table = code_table(self.scheme, self.device)
-        values = table[self.codes()].view(self.out_features, -1, self.group_size)
-        w = values * self.scales.float().unsqueeze(-1)
-        if self.offsets is not None:
-            w = w + self.offsets.float().unsqueeze(-1)
-        return w.reshape(self.out_features, self.in_features).to(dtype)
+        return dequantize_rows(self.qweight, self.scales, self.offsets, self.group_size,
+                               self.scheme).to(dtype)
+
+    def rows(self, index: torch.Tensor) -> QuantizedWeight:
+        """The weight of rows ``index`` (``W[index]``), still packed (an embedding lookup)."""
+        return QuantizedWeight(self.qweight[index], self.scales[index],
+                               None if self.offsets is None else self.offsets[index],
+                               self.group_size, self.scheme)
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         """A copy on ``device`` (the packed layout is the same everywhere)."""
@@ -203,6 +244,7 @@ class QuantizedWeight:
             "format": _FORMAT,
             "version": _FORMAT_VERSION,
             "scheme": self.scheme,
+            "bits": str(self.bits),
             "group_size": str(self.group_size),
             "shape": json.dumps(list(self.shape)),
         }
@@ -235,8 +277,24 @@ class QuantizedWeight:
     def __repr__(self) -> str:
         n, k = self.shape
         return (f"QuantizedWeight(shape=[{n}, {k}], scheme={self.scheme!r}, "
+                f"offsets={self.offsets is not None}, "
                 f"group_size={self.group_size}, scale_dtype={self.scales.dtype}, "
                 f"device={self.device})")
+
+
+def dequantize_rows(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                    group_size: int, scheme: str) -> torch.Tensor:
+    """float32 ``[N, K]`` from packed parts (the arithmetic of the module doc: a multiply,
+    then an add, both in float32, so GGUF's dequantizer is matched bit for bit)."""
+    if scheme == "int8":
+        values = qweight.to(torch.float32)
+    else:
+        values = code_table(scheme, qweight.device)[unpack_codes(qweight)]
+    n = values.shape[0]
+    w = values.view(n, -1, group_size) * scales.float().unsqueeze(-1)
+    if offsets is not None:
+        w = w + offsets.float().unsqueeze(-1)
+    return w.reshape(n, -1)
 
 
 def quantize(
@@ -245,13 +303,15 @@ def quantize(
     scheme: str = "asym",
     scale_dtype: torch.dtype = torch.float16,
 ) -> QuantizedWeight:
-    """Quantize a dense weight ``w [N, K]`` to 4 bits, round to nearest.
+    """Quantize a dense weight ``w [N, K]`` to 4 or 8 bits, round to nearest.
 
     ``asym``: per group ``scale = (max - min) / 15``, ``offset = min``.
     ``sym``: GGUF Q4_0's rule, ``scale = m / -8`` where ``m`` is the group's value of
     largest magnitude (so ``m`` itself is exact). ``nf4``: ``scale = absmax``, nearest
-    NF4 value. Codes are chosen against the *stored* (rounded) scales, so
-    ``dequantize`` is the best reconstruction the stored scales allow.
+    NF4 value. ``int8``: GGUF Q8_0's rule, ``scale = absmax / 127``, codes in -127..127,
+    no offsets. NaN or infinite weights are refused (``ValueError``). Codes are chosen
+    against the *stored* (rounded) scales, so ``dequantize`` is the best reconstruction
+    the stored scales allow.
     """
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         raise TypeError(f"w must be a 2-D tensor [N, K], got {type(w).__name__} "
@@ -260,11 +320,22 @@ def quantize(
         raise TypeError(f"w must be floating point, got {w.dtype}")
     check_scheme(scheme)
     n, k = w.shape
-    check_group_size(group_size, k)
+    check_group_size(group_size, k, bits_of(scheme))
     if scale_dtype not in SCALE_DTYPES:
         raise TypeError(f"scale_dtype must be float16 or float32, got {scale_dtype}")
+    finite = torch.isfinite(w.detach())
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"w has {int((~finite).sum())} NaN or infinite values (first at "
+                         f"[{bad[0]}, {bad[1]}]: {w[bad[0], bad[1]].item()}); cannot quantize")
     groups = w.detach().float().reshape(n, k // group_size, group_size)
     offsets = None
+    if scheme == "int8":
+        scale = (groups.abs().amax(-1) / 127).to(scale_dtype)
+        s = scale.float().unsqueeze(-1)
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        codes = torch.round(groups / s).clamp(-127, 127).to(torch.int8).reshape(n, k)
+        return QuantizedWeight(codes.contiguous(), scale.contiguous(), None, group_size, scheme)
     if scheme == "asym":
         lo, hi = groups.amin(-1), groups.amax(-1)
         scale = ((hi - lo) / 15).to(scale_dtype)

@@ -2,7 +2,8 @@
 
 Every backend is tested against these functions, and they are the fallback where no
 compiled backend fits. Shapes: ``x [M, K]``, base ``W [N, K]`` (dense or a
-``QuantizedWeight``), packed adapters ``a [R, K]``, ``b [N, R]`` with
+``QuantizedWeight`` of either layout, 4-bit or 8-bit, read through its ``dequantize``),
+packed adapters ``a [R, K]``, ``b [N, R]`` with
 ``rank_offsets [S + 1]`` and ``scales [S]`` (see ``lorart.adapters``), per-row
 ``adapter_ids [M]`` in ``-1..S-1`` (``-1`` = base only).
 

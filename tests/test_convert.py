@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorart.convert import from_awq, from_bnb_nf4, from_gguf_q4, from_gptq, gguf_row_permutation
-from lorart.convert.gguf import permute_rows
+from lorart.convert.gguf import from_gguf_quantized, permute_rows
 
 gguf = pytest.importorskip("gguf")
 
@@ -72,6 +72,62 @@ def test_gguf_bad_input():
         from_gguf_q4(np.zeros((2, 21), np.uint8), "Q4_1")
     with pytest.raises(TypeError, match="uint8"):
         from_gguf_q4(np.zeros((2, 20), np.int8), "Q4_1")
+
+
+ALL_GGUF_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def _random_blocks(kind: str, n: int, k: int, seed: int) -> np.ndarray:
+    """Random raw bytes of a GGUF ``kind`` tensor ``[N, K]``, every bit pattern allowed,
+    except that fp16 fields get finite values (random bytes would make ~3% NaN/inf)."""
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    values, block_bytes = gguf.constants.GGML_QUANT_SIZES[qtype]
+    rng = _rng(seed)
+    raw = rng.integers(0, 256, (n, k // values, block_bytes), dtype=np.uint8)
+    fp16_at = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
+               "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[kind]
+    for at in fp16_at:
+        d = (rng.standard_normal((n, k // values)) * rng.choice([1e-3, 1.0, 300.0]))
+        raw[..., at:at + 2] = d.astype(np.float16)[..., None].view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("kind", ALL_GGUF_TYPES)
+@pytest.mark.parametrize("shape", [(7, 256), (3, 768), (1, 512)])
+def test_gguf_every_type_bit_exact(kind, shape):
+    """Random raw blocks -> QuantizedWeight -> dequantize equals gguf's own dequantizer,
+    bit for bit (compared as uint32 patterns, so -0.0 vs 0.0 would fail too)."""
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    raw = _random_blocks(kind, *shape, seed=shape[0] * 31 + len(kind))
+    expected = gguf.quants.dequantize(raw, qtype).astype(np.float32)
+    qw = from_gguf_quantized(raw, kind)
+    assert qw.shape == shape
+    assert qw.bits == (4 if kind in ("Q4_0", "Q4_1", "Q4_K") else 8)
+    got = qw.dequantize().numpy()
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    flat = from_gguf_quantized(raw.reshape(-1), qtype, shape=shape)
+    assert torch.equal(flat.qweight, qw.qweight)
+
+
+@pytest.mark.parametrize("kind", ALL_GGUF_TYPES)
+def test_gguf_every_type_layout(kind):
+    """The layout each type lands in (DESIGN: Q4_K exactly in 4-bit asym g32 fp32)."""
+    qw = from_gguf_quantized(_random_blocks(kind, 2, 256, 0), kind)
+    expected = {"Q4_0": ("sym", 32, torch.float16), "Q4_1": ("asym", 32, torch.float16),
+                "Q4_K": ("asym", 32, torch.float32), "Q5_0": ("int8", 32, torch.float16),
+                "Q5_1": ("int8", 32, torch.float16), "Q8_0": ("int8", 32, torch.float16),
+                "Q5_K": ("int8", 32, torch.float32), "Q6_K": ("int8", 16, torch.float32)}
+    assert (qw.scheme, qw.group_size, qw.scales.dtype) == expected[kind]
+    assert (qw.offsets is not None) == (kind in ("Q4_1", "Q4_K", "Q5_1", "Q5_K"))
+
+
+def test_gguf_quantized_bad_input():
+    with pytest.raises(ValueError, match="Q6_K"):
+        from_gguf_quantized(np.zeros((2, 20), np.uint8), "Q2_K")
+    with pytest.raises(ValueError, match="bytes"):
+        from_gguf_quantized(np.zeros((2, 200), np.uint8), "Q6_K")
+    with pytest.raises(ValueError, match="shape"):
+        from_gguf_quantized(np.zeros(100, np.uint8), "Q8_0", shape=(2, 32))
 
 
 # ------------------------------------------------------------------ GPTQ

@@ -156,3 +156,83 @@ def test_quantized_weight_checks_its_parts():
         QuantizedWeight(qw.qweight, qw.scales, None, 32, "asym")
     with pytest.raises(TypeError, match="uint8"):
         QuantizedWeight(qw.qweight.int(), qw.scales, qw.offsets, 32, "asym")
+
+
+# ------------------------------------------------------------------ 8-bit layout
+def _dequant8_by_loops(qw: QuantizedWeight) -> torch.Tensor:
+    """An independent, element-by-element reading of the documented int8 layout."""
+    n, k = qw.shape
+    out = torch.empty(n, k, dtype=torch.float64)
+    q, s = qw.qweight.tolist(), qw.scales.double().tolist()
+    o = qw.offsets.double().tolist() if qw.offsets is not None else None
+    for row in range(n):
+        for col in range(k):
+            g = col // qw.group_size
+            out[row, col] = s[row][g] * q[row][col] + (o[row][g] if o is not None else 0.0)
+    return out
+
+
+@pytest.mark.parametrize("group_size", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_int8_layout(group_size, scale_dtype, with_offsets):
+    n, k = 5, 2 * group_size
+    codes = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    scales = torch.rand(n, k // group_size).to(scale_dtype)
+    offsets = torch.randn(n, k // group_size).to(scale_dtype) if with_offsets else None
+    qw = QuantizedWeight(codes, scales, offsets, group_size, "int8")
+    assert qw.shape == (n, k) and qw.bits == 8
+    per_group = (2 if with_offsets else 1) * scales.element_size()
+    assert qw.nbytes() == n * k + per_group * scales.numel()
+    torch.testing.assert_close(qw.dequantize(torch.float64), _dequant8_by_loops(qw),
+                               rtol=1e-6, atol=1e-6)
+    assert torch.equal(qw.rows(torch.tensor([3, 0])).dequantize(), qw.dequantize()[[3, 0]])
+
+
+@pytest.mark.parametrize("group_size", [16, 64])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_int8_quantize_error_is_half_a_step(group_size, scale_dtype):
+    w = torch.randn(16, 4 * group_size) * 2
+    qw = lorart.quantize(w, group_size, "int8", scale_dtype=scale_dtype)
+    assert qw.qweight.dtype == torch.int8 and qw.offsets is None
+    assert int(qw.codes().abs().max()) == 127
+    step = qw.scales.float().repeat_interleave(group_size, 1)
+    assert torch.all((qw.dequantize() - w).abs() <= 0.5 * step * 1.0001 + 1e-7)
+
+
+def test_int8_group_16_only_for_8_bits():
+    with pytest.raises(ValueError, match="4-bit"):
+        lorart.quantize(torch.randn(2, 64), 16, "asym")
+    assert lorart.quantize(torch.randn(2, 64), 16, "int8").group_size == 16
+
+
+def test_int8_checks_its_parts():
+    qw = lorart.quantize(torch.randn(4, 64), 32, "int8")
+    with pytest.raises(TypeError, match="int8"):
+        QuantizedWeight(qw.qweight.view(torch.uint8), qw.scales, None, 32, "int8")
+    with pytest.raises(TypeError, match="uint8"):  # 4-bit schemes keep their packed bytes
+        QuantizedWeight(qw.qweight, qw.scales, None, 32, "sym")
+    with pytest.raises(ValueError, match="scales must have shape"):
+        QuantizedWeight(qw.qweight, qw.scales[:, :1], None, 32, "int8")
+    with pytest.raises(ValueError, match="no 16-entry code table"):
+        code_table("int8")
+
+
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_int8_save_load_roundtrip(tmp_path, with_offsets):
+    qw = lorart.quantize(torch.randn(7, 64), 16, "int8", scale_dtype=torch.float32)
+    if with_offsets:
+        qw = QuantizedWeight(qw.qweight, qw.scales, torch.randn_like(qw.scales), 16, "int8")
+    qw.save(tmp_path / "w.safetensors")
+    back = QuantizedWeight.load(tmp_path / "w.safetensors")
+    assert back.scheme == "int8" and back.group_size == 16 and back.shape == qw.shape
+    assert torch.equal(back.dequantize(), qw.dequantize())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("scheme", ["asym", "sym", "nf4", "int8"])
+def test_quantize_refuses_non_finite_weights(bad, scheme):
+    w = torch.randn(4, 64)
+    w[2, 17] = bad
+    with pytest.raises(ValueError, match=r"NaN or infinite.*\[2, 17\]"):
+        lorart.quantize(w, 32, scheme)

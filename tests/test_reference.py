@@ -103,3 +103,15 @@ def test_dense_weight_gradient_when_it_requires_grad(monkeypatch):
     w = torch.randn(4, 5, requires_grad=True)
     lorart.lora_linear(x, w, None, None).sum().backward()
     torch.testing.assert_close(w.grad, torch.ones(3, 4).T @ x)
+
+
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_int8_base_uses_dequantized_weight(with_offsets):
+    from lorart.quant import QuantizedWeight
+
+    qw = lorart.quantize(torch.randn(8, 64), 16, "int8")
+    if with_offsets:
+        qw = QuantizedWeight(qw.qweight, qw.scales, torch.randn_like(qw.scales), 16, "int8")
+    x = torch.randn(3, 64)
+    got = reference.lora_forward(x, qw, None, None, None, [0], [], None)
+    torch.testing.assert_close(got, x @ qw.dequantize().T)

@@ -1,5 +1,6 @@
 """The real 4-bit model: lorart.from_gguf (SmolLM2-135M-Instruct Q4_1, exact 4-bit
-LoRALinear layers) against transformers' own GGUF loader (dequantized float32)."""
+LoRALinear layers, the Q8_0 tied embedding/output kept 8-bit) against transformers' own
+GGUF loader (dequantized float32)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from conftest import assert_close
 
 import lorart
 from lorart import LoRALinear
+from lorart.embedding import QuantizedEmbedding, TiedQuantizedLinear
 
 pytest.importorskip("gguf")
 try:  # the package's own __init__ needs `llm`; only its data file is used
@@ -49,11 +51,29 @@ def test_every_linear_is_4bit_and_no_float_copy(ours):
     assert len(layers) == 30 * 7
     assert all(lyr.is_quantized and lyr.scheme == "asym" and lyr.group_size == 32
                for lyr in layers)
-    float_params = sum(p.numel() for p in model.parameters())
-    emb = model.model.embed_tokens.weight
-    assert model.lm_head.weight is emb  # tied, as in the GGUF (no output.weight)
-    # only embeddings and norms are float: 49152*576 + (2*30 + 1)*576
-    assert float_params == emb.numel() + 61 * 576
+    # the tied Q8_0 embedding stays 8-bit, and the output layer reads the same buffers
+    emb = model.model.embed_tokens
+    assert isinstance(emb, QuantizedEmbedding) and emb.scheme == "int8"
+    assert isinstance(model.lm_head, TiedQuantizedLinear) and model.lm_head.embedding is emb
+    # only norms are float: (2*30 + 1)*576
+    assert sum(p.numel() for p in model.parameters()) == 61 * 576
+
+
+def _model_bytes(model) -> int:
+    """Bytes of every distinct storage the model holds (parameters and buffers)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def test_model_holds_about_its_gguf_bytes(ours):
+    """Issue #14: whole model <= 1.1x the GGUF file (was 1.83x with a float embedding)."""
+    model, _ = ours
+    assert _model_bytes(model) <= 1.1 * default_gguf_path().stat().st_size
 
 
 def test_weights_equal_transformers_exactly(ours, theirs):
@@ -66,7 +86,10 @@ def test_weights_equal_transformers_exactly(ours, theirs):
             mine = model.get_submodule(path).base.dequantize()
             ref = theirs.get_submodule(path).weight.detach()
             assert torch.equal(mine, ref), path
-    assert torch.equal(model.model.embed_tokens.weight, theirs.model.embed_tokens.weight)
+    assert torch.equal(model.model.embed_tokens.base.dequantize(),
+                       theirs.model.embed_tokens.weight)
+    ids = torch.tensor([[0, 5, 49151], [7, 7, 1]])
+    assert torch.equal(model.model.embed_tokens(ids), theirs.model.embed_tokens(ids))
     assert torch.equal(model.model.layers[5].input_layernorm.weight,
                        theirs.model.layers[5].input_layernorm.weight)
 

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <memory>
 
+#include "cpu/int8_cpu.h"  // formats (#14): 8-bit kernels
 #include "cpu/lora_cpu.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -68,6 +69,7 @@ struct V {
   }
 };
 
+#include "cpu/int8_impl.h"
 #include "cpu/kernels_impl.h"
 }  // namespace
 
@@ -76,6 +78,12 @@ const ::lorart::cpu::KernelTable* ::lorart::cpu::kernels_avx2() {
   return &table;
 }
 
+const ::lorart::cpu::Int8KernelTable* ::lorart::cpu::int8_kernels_avx2() {
+  static const Int8KernelTable table{"avx2", &int8k::forward<V>, &int8k::dequantize<V>};
+  return &table;
+}
+
 #else
 const ::lorart::cpu::KernelTable* ::lorart::cpu::kernels_avx2() { return nullptr; }
+const ::lorart::cpu::Int8KernelTable* ::lorart::cpu::int8_kernels_avx2() { return nullptr; }
 #endif

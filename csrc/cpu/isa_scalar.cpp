@@ -5,6 +5,7 @@
 #include <cstring>
 #include <memory>
 
+#include "cpu/int8_cpu.h"  // formats (#14): 8-bit kernels
 #include "cpu/lora_cpu.h"
 
 namespace {
@@ -45,10 +46,16 @@ struct V {
   }
 };
 
+#include "cpu/int8_impl.h"
 #include "cpu/kernels_impl.h"
 }  // namespace
 
 const ::lorart::cpu::KernelTable* ::lorart::cpu::kernels_scalar() {
   static const KernelTable table{"scalar", &forward<V>, &backward<V>, &dequantize<V>, &lora_add<V>};
+  return &table;
+}
+
+const ::lorart::cpu::Int8KernelTable* ::lorart::cpu::int8_kernels_scalar() {
+  static const Int8KernelTable table{"scalar", &int8k::forward<V>, &int8k::dequantize<V>};
   return &table;
 }

@@ -23,6 +23,7 @@
 #endif
 
 #include "common/quant_math.h"
+#include "cpu/int8_cpu.h"
 #include "cpu/lora_cpu.h"
 
 namespace py = pybind11;
@@ -281,6 +282,79 @@ int max_threads() {
 #endif
 }
 
+// ---- formats (#14): the 8-bit (int8) layout's kernels (csrc/cpu/int8_cpu.h) -------------
+// Same ISA as the 4-bit table in use. Arguments as lorart/backend/cpu_int8.py passes them.
+const lorart::cpu::Int8KernelTable* int8_table() {
+  const std::string isa = active().load()->name;
+  if (isa == "avx512") return lorart::cpu::int8_kernels_avx512();
+  if (isa == "avx2") return lorart::cpu::int8_kernels_avx2();
+  return lorart::cpu::int8_kernels_scalar();
+}
+
+// W [N, K] int8 codes with scales/offsets [N, K/g] (scale dtype 0 fp32, 2 fp16).
+lorart::cpu::Int8WeightArgs int8_weight_args(int64_t n, int64_t k, uintptr_t codes,
+                                             uintptr_t scales, uintptr_t offsets, int scale_dtype,
+                                             int group_size) {
+  if (n < 0 || k < 0) throw std::invalid_argument("int8 weight: N and K must be >= 0");
+  if (group_size != 16 && group_size != 32 && group_size != 64 && group_size != 128 &&
+      group_size != 256)
+    throw std::invalid_argument("int8 weight: group_size must be 16, 32, 64, 128 or 256");
+  if (k % group_size != 0) throw std::invalid_argument("int8 weight: K % group_size != 0");
+  if (scale_dtype != 0 && scale_dtype != 2)
+    throw std::invalid_argument("int8 weight: scale dtype code must be 0 (fp32) or 2 (fp16)");
+  if (codes == 0 || scales == 0)
+    throw std::invalid_argument("int8 weight: codes and scales are required");
+  lorart::cpu::Int8WeightArgs w;
+  w.n = n;
+  w.k = k;
+  w.q = ptr<int8_t>(codes);
+  w.scales = ptr<void>(scales);
+  w.offsets = offsets ? ptr<void>(offsets) : nullptr;
+  w.scale_dtype = static_cast<DType>(scale_dtype);
+  w.group_size = group_size;
+  return w;
+}
+
+// y [M, N] = x [M, K] Wᵀ + bias + LoRA for an int8 W.
+void int8_forward(int64_t m, int dtype, uintptr_t x, int64_t ldx, int64_t n, int64_t k,
+                  uintptr_t codes, uintptr_t scales, uintptr_t offsets, int scale_dtype,
+                  int group_size, uintptr_t bias, uintptr_t a, uintptr_t b, int64_t total_rank,
+                  const std::vector<int64_t>& rank_offsets, const std::vector<float>& lora_scales,
+                  uintptr_t ids, uintptr_t y, int64_t ldy, int64_t decode_max_rows) {
+  lorart::cpu::Int8ForwardArgs args;
+  if (m < 0) throw std::invalid_argument("int8_forward: M must be >= 0");
+  args.m = m;
+  args.dtype = dtype_of(dtype, "x");
+  args.x = ptr<void>(x);
+  args.ldx = ldx;
+  args.bias = bias ? ptr<void>(bias) : nullptr;
+  args.y = reinterpret_cast<void*>(y);
+  args.ldy = ldy;
+  args.w = int8_weight_args(n, k, codes, scales, offsets, scale_dtype, group_size);
+  // merge of routing + formats: the int8 binding still takes bare pointers, so the
+  // buffers' element counts are the sizes the shapes require.
+  args.lora = adapter_args(m, n, k, Buffer{a, a ? total_rank * k : 0},
+                           Buffer{b, b ? n * total_rank : 0}, total_rank, rank_offsets,
+                           lora_scales, Buffer{ids, ids ? m : 0});
+  const lorart::cpu::Int8KernelTable* table = int8_table();
+  py::gil_scoped_release release;
+  table->forward(args, decode_max_rows);
+}
+
+// out [n1 - n0, K] (dtype 0 fp32, 1 bf16) = rows n0..n1 of an int8 W, dequantized.
+void int8_dequantize(int64_t n, int64_t k, uintptr_t codes, uintptr_t scales, uintptr_t offsets,
+                     int scale_dtype, int group_size, int64_t n0, int64_t n1, uintptr_t out,
+                     int dtype) {
+  const lorart::cpu::Int8WeightArgs w =
+      int8_weight_args(n, k, codes, scales, offsets, scale_dtype, group_size);
+  if (n0 < 0 || n1 > n || n0 > n1) throw std::invalid_argument("int8_dequantize: bad row range");
+  const DType dt = dtype_of(dtype, "out");
+  const lorart::cpu::Int8KernelTable* table = int8_table();
+  py::gil_scoped_release release;
+  table->dequantize(w, n0, n1, dt, reinterpret_cast<void*>(out));
+}
+// ---- end formats (#14) ------------------------------------------------------------------
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -312,4 +386,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("stream_sum", &stream_sum, py::arg("data"), py::arg("count"),
         "Bandwidth probe: sum of count float32 at data");
   m.def("max_threads", &max_threads, "OpenMP threads the kernels use");
+  m.def("cpu_int8_forward", &int8_forward, "8-bit W: fused base + LoRA forward");
+  m.def("cpu_int8_dequantize", &int8_dequantize, "Rows of an 8-bit W, dequantized");
 }

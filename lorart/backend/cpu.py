@@ -24,6 +24,7 @@ import torch
 from .. import _C
 from ..quant import QuantizedWeight
 from .base import SCHEME_IDS, Backend, Base, LoRAArgs, ids_of
+from .cpu_int8 import int8_dequantize, int8_forward, is_int8
 
 __all__ = ["CpuBackend", "available_isas", "isa", "set_isa"]
 
@@ -328,6 +329,8 @@ class CpuBackend(Backend):
         return None
 
     def forward(self, x, base, bias, lora, batch=None):
+        if is_int8(base):  # formats (#14): the 8-bit layout's own kernels (cpu_int8.py)
+            return int8_forward(x, base, bias, *_lora_parts(lora), ids_of(batch))
         weight, scales, offsets, scheme, group_size = _base_parts(base)
         a, b, rank_offsets, lora_scales = _lora_parts(lora)
         # Eager calls skip the dispatcher (~10 us of a ~200 us decode step); traced calls
@@ -338,6 +341,8 @@ class CpuBackend(Backend):
             lora_scales, ids_of(batch), DECODE_MAX_ROWS)
 
     def backward(self, dy, x, base, lora, batch, need_dx, need_dlora):
+        if is_int8(base):  # formats (#14): dense backward on W dequantized in C++
+            base = int8_dequantize(base, x.dtype)
         weight, scales, offsets, scheme, group_size = _base_parts(base)
         a, b, rank_offsets, lora_scales = _lora_parts(lora)
         dx, da, db = torch.ops.lorart.cpu_lora_backward(

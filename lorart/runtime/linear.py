@@ -28,14 +28,19 @@ from ..layers import LoRALinear
 from ..ops import lora_linear
 from ..quant import QuantizedWeight
 
+# Schemes of lorart._C.cpu_forward (4-bit); others (the 8-bit layout) take the op surface.
+_FUSED_4BIT = ("asym", "sym", "nf4")
+
 
 def _base_of(module: nn.Module) -> torch.Tensor | QuantizedWeight:
     """The base weight ``[N, K]`` of a ``LoRALinear`` or an ``nn.Linear``."""
-    if isinstance(module, LoRALinear):
-        return module.base
     if isinstance(module, nn.Linear):
         return module.weight.detach()
-    raise TypeError(f"expected a LoRALinear or nn.Linear, got {type(module).__name__}")
+    base = getattr(module, "base", None)  # LoRALinear, QuantizedLinear, TiedQuantizedLinear
+    if isinstance(base, torch.Tensor | QuantizedWeight):
+        return base
+    raise TypeError(f"expected a LoRALinear, nn.Linear or quantized linear module, got "
+                    f"{type(module).__name__}")
 
 
 def _concat_bases(bases: Sequence[torch.Tensor | QuantizedWeight]
@@ -122,7 +127,7 @@ class DecodeLinear:
         self.device = (self.base.device if isinstance(self.base, torch.Tensor)
                        else self.base.qweight.device)
         self.dtype = dtype
-        biases = [m.bias for m in modules]
+        biases = [getattr(m, "bias", None) for m in modules]
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [torch.zeros(n, dtype=dtype, device=self.device) if b is None
              else b.detach().to(dtype) for b, n in zip(biases, self.split)])
@@ -177,7 +182,7 @@ class BoundLinear:
             return None
         base = self.base
         if isinstance(base, QuantizedWeight):
-            if base.scheme not in SCHEME_IDS or cpu_backend.CpuBackend().unsupported(
+            if base.scheme not in _FUSED_4BIT or cpu_backend.CpuBackend().unsupported(
                     torch.empty(1, base.shape[1], dtype=self.dtype), base, None) is not None:
                 return None
             weight_args = cpu_backend._weight_args(

@@ -235,7 +235,8 @@ def decoder_signature(model: nn.Module) -> tuple:
     weight it copied. A changed signature (merge, ``.to()``, new weights) means rebuild."""
     from ..layers import LoRALinear
 
-    sig = []
+    sig = [id(getattr(model, "lm_head", None)),
+           id(getattr(getattr(model, "model", None), "embed_tokens", None))]
     for m in model.modules():
         if isinstance(m, LoRALinear):
             t = m.qweight if m.is_quantized else m.weight

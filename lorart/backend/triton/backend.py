@@ -65,6 +65,8 @@ class TritonBackend(Backend):
             return f"the triton backend runs CUDA tensors, got {x.device.type}"
         if x.dtype not in _DTYPES:
             return f"no Triton kernel for dtype={x.dtype} (float32, bfloat16, float16 only)"
+        if getattr(base, "bits", 4) != 4:  # formats (#14): 8-bit has no Triton kernel yet
+            return f"no Triton kernel for the {base.bits}-bit scheme {base.scheme!r}"
         return None
 
     def forward(self, x, base, bias, lora, batch=None):

@@ -17,7 +17,15 @@ with ``min_new_tokens``; the prompt asks for a long answer so llama.cpp does not
 Decode tok/s excludes the prompt: lorart's is (N-1) / (t(N tokens) - t(1 token)), llama.cpp's
 is timed from its first to its N-th token. Rounds alternate between the engines; the
 median is printed. ``llama-cpp-python`` is optional (``pip install llama-cpp-python``
-compiles llama.cpp, ~10+ minutes); without it only lorart runs.
+compiles llama.cpp, ~10+ minutes); without it only lorart runs. A llama.cpp built
+elsewhere also works: ``PYTHONPATH=<dir with llama_cpp/> LLAMA_CPP_LIB_PATH=<dir with
+libllama.so>``.
+
+Same tokens: lorart suppresses EOS for the timed runs (``min_new_tokens``), llama.cpp
+does not, so besides the position-wise count over all tokens the answers are compared
+up to each one's first EOS; at the first divergence lorart's logit gap between its token
+and llama.cpp's is printed (a near-tie that 8-bit activation rounding can flip: llama.cpp
+quantizes activations to Q8 for its Q4_1 dot products, lorart keeps them float32).
 """
 
 from __future__ import annotations
@@ -89,6 +97,24 @@ def same_tokens(a: list, b: list) -> tuple[int, int]:
     return equal, prefix
 
 
+def until_eos(tokens: list, eos: int) -> list:
+    """The answer a user sees: tokens up to and including the first EOS."""
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def logit_gap(model, prompt_ids, ours: list, k: int, theirs: int, adapter) -> float:
+    """lorart's logit of its own token minus that of llama.cpp's at the first divergence
+    ``k``: a gap near 0 is a near-tie that activation rounding can flip."""
+    import torch
+
+    from lorart.runtime import LlamaDecoder
+
+    session = LlamaDecoder(model).session(prompt_ids.shape[1] + k + 1, adapter)
+    seq = torch.cat([prompt_ids[0], torch.tensor(ours[:k], dtype=torch.int64)])
+    logits = session.forward(seq)[-1]
+    return float(logits[ours[k]] - logits[theirs])
+
+
 # --------------------------------------------------------------------------- profile
 def profile_step(model, adapter: str | None, threads: int) -> dict:
     """Thread CPU time of one decode step (position ~100) and of its parts, in us."""
@@ -127,7 +153,7 @@ def profile_step(model, adapter: str | None, threads: int) -> dict:
         def hf_step():
             model(one, past_key_values=cache, use_cache=True,
                   adapter_names=[adapter or "__base__"])
-            cache.crop(100)
+            cache.crop(-1)  # drop the token again: every call runs at position 100
         hf = best(hf_step)
     kernels = sum(parts.values())
     return {"step_us": step, **{f"{k}_us": v for k, v in parts.items()},
@@ -199,17 +225,35 @@ def main(argv=None) -> int:
     for label, results in runs.items():
         print(f"\n== {label}: decode tok/s (median of {args.rounds}), end-to-end tok/s")
         ref_tokens = results["lorart"][-1][2]
+        # lorart's own answer without EOS suppression: where it would stop by itself
+        natural = model.generate(ids, max_new_tokens=args.tokens, do_sample=False,
+                                 adapter_names=[args.adapter if label == "adapter" else
+                                                "__base__"])
+        ref_answer = until_eos(natural[0, ids.shape[1]:].tolist(), tok.eos_token_id)
         med = {name: statistics.median(r[0] for r in rs) for name, rs in results.items()}
         for name, rs in results.items():
             e2e = statistics.median(r[1] for r in rs)
             equal, prefix = same_tokens(rs[-1][2], ref_tokens)
+            # lorart suppresses EOS for the timed run (min_new_tokens); llama.cpp does not.
+            # The answers compare up to each one's first EOS (the text a user sees).
+            answer = ref_answer if name.startswith("lorart") else until_eos(
+                rs[-1][2], tok.eos_token_id)
+            same_answer = answer == ref_answer
+            gap = None
+            if prefix < min(len(answer), len(ref_answer)) and not same_answer:
+                adapter = args.adapter if label == "adapter" else None
+                gap = logit_gap(model, ids, ref_tokens, prefix, rs[-1][2][prefix], adapter)
             rec = {"bench": "vs_llamacpp", "case": label, "engine": name,
                    "decode_tok_s": med[name], "e2e_tok_s": e2e,
                    "decode_tok_s_all": [r[0] for r in rs], "same_tokens_as_lorart": equal,
-                   "same_prefix": prefix, **meta}
+                   "same_prefix": prefix, "answer_tokens": len(answer),
+                   "answer_same_as_lorart": same_answer, "logit_gap_at_divergence": gap,
+                   **meta}
             records.append(rec)
+            why = "" if gap is None else f", lorart's logit gap there {gap:.3f}"
             print(f"  {name:18s} {med[name]:7.1f}  {e2e:7.1f}   same tokens as lorart: "
-                  f"{equal}/{args.tokens} (common prefix {prefix})")
+                  f"{equal}/{args.tokens} (common prefix {prefix}{why}); answer up to EOS "
+                  f"{len(answer)} tokens, {'same' if same_answer else 'differs'}")
         if "llama.cpp" in med:
             print(f"  lorart / llama.cpp decode: {med['lorart'] / med['llama.cpp']:.2f}x")
         for name, rs in results.items():

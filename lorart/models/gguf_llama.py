@@ -200,6 +200,9 @@ def from_gguf(path: str | Path | None = None, quantized: bool = True, progress: 
     for p in model.parameters():
         p.requires_grad_(False)
     ensure_patch_state(model)
+    from ..runtime import enable_fast_generate  # batch-1 greedy generate: lean decoder
+
+    enable_fast_generate(model)
     tok = load_tokenizer(path) if tokenizer else None
     return model, tok
 

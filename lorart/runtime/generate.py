@@ -1,0 +1,188 @@
+"""``model.generate`` through ``LlamaDecoder`` when the call is batch-1 greedy decoding.
+
+``enable_fast_generate(model)`` (done by ``lorart.from_gguf``) replaces the instance's
+``generate`` by a ``FastGenerate`` wrapper. A call takes the lean path when it is
+what the decoder computes exactly as transformers would:
+
+- one sequence (``input_ids [1, T]``, attention mask absent or all ones);
+- greedy (``do_sample`` false, one beam) and no logits processor other than
+  ``min_new_tokens``; only the keyword arguments in ``_ACCEPTED`` are given and the
+  model's ``generation_config`` differs from transformers' defaults only in fields
+  of ``_CONFIG_FIELDS_OK`` or by switching something off;
+- one adapter for the whole model: ``adapter_names=[name]``, or the active adapter
+  set the same in every layer that has it (or none).
+
+Anything else goes to the wrapped ``generate`` unchanged (transformers' loop), so the
+wrapper never changes what a call returns, only how fast. ``LORART_FAST_DECODE=0``
+turns the lean path off.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+from torch import nn
+
+from ..layers import BASE_ADAPTER, LoRALinear
+from .llama import LlamaDecoder, decoder_signature, unsupported
+
+_ACCEPTED = {"max_new_tokens", "min_new_tokens", "max_length", "do_sample", "num_beams",
+             "attention_mask", "pad_token_id", "eos_token_id", "bos_token_id", "use_cache",
+             "temperature", "top_p", "top_k"}
+_CONFIG_FIELDS_OK = {"bos_token_id", "eos_token_id", "pad_token_id", "max_length",
+                     "max_new_tokens", "min_new_tokens", "do_sample", "num_beams",
+                     "temperature", "top_p", "top_k", "use_cache", "transformers_version",
+                     "_from_model_config"}
+_NO_ADAPTER = object()  # "cannot serve this adapter setup": fall back
+
+
+class FastGenerate:
+    """The instance ``generate`` of a lorart-patched Llama model (see module doc)."""
+
+    def __init__(self, model: nn.Module, fallback) -> None:
+        self.model = model
+        self.fallback = fallback
+        self.__wrapped__ = getattr(fallback, "__wrapped__", fallback)
+        self.__doc__ = getattr(fallback, "__doc__", None)
+        self._lock = threading.Lock()
+        self._decoder: LlamaDecoder | None = None
+        self.last_path = ""  # "lorart" or "transformers": which loop served the last call
+
+    def __call__(self, *args, adapter_names=None, **kwargs):
+        plan = self._plan(args, kwargs, adapter_names)
+        if plan is None:
+            self.last_path = "transformers"
+            if adapter_names is not None:
+                kwargs["adapter_names"] = adapter_names
+            return self.fallback(*args, **kwargs)
+        self.last_path = "lorart"
+        input_ids, adapter, max_new, min_new, eos = plan
+        return greedy_generate(self.decoder(), input_ids, max_new, min_new, eos, adapter)
+
+    def decoder(self) -> LlamaDecoder:
+        """The model's ``LlamaDecoder``, rebuilt when its base weights changed."""
+        with self._lock:
+            sig = decoder_signature(self.model)
+            if self._decoder is None or self._decoder.signature != sig:
+                self._decoder = LlamaDecoder(self.model)
+            return self._decoder
+
+    # ------------------------------------------------------------------ eligibility
+    def _plan(self, args, kwargs, adapter_names):
+        if os.environ.get("LORART_FAST_DECODE", "1").strip() == "0":
+            return None
+        model = self.model
+        if unsupported(model) is not None:  # (generate never builds a graph: no_grad)
+            return None
+        kwargs = dict(kwargs)
+        if args:
+            if len(args) > 1 or "input_ids" in kwargs:
+                return None
+            kwargs["input_ids"] = args[0]
+        input_ids = kwargs.pop("input_ids", None)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or \
+                input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+            return None
+        if set(kwargs) - _ACCEPTED:
+            return None
+        gc = model.generation_config
+        # Fields off (False/None/0) are harmless; any other non-default one may change tokens.
+        if any(v for k, v in gc.to_diff_dict().items() if k not in _CONFIG_FIELDS_OK):
+            return None
+        get = lambda k: kwargs[k] if kwargs.get(k) is not None else getattr(gc, k, None)  # noqa: E731
+        if get("do_sample") or (get("num_beams") or 1) != 1 or kwargs.get("use_cache") is False:
+            return None
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (mask.shape != input_ids.shape or not bool(mask.all())):
+            return None
+        adapter = self._adapter(adapter_names)
+        if adapter is _NO_ADAPTER:
+            return None
+        t = input_ids.shape[1]
+        max_new = kwargs.get("max_new_tokens")
+        if max_new is None:
+            max_length = kwargs.get("max_length")
+            if max_length is None:
+                max_new = gc.max_new_tokens
+                max_length = gc.max_length
+            max_new = max_new if max_new is not None else max(0, (max_length or 20) - t)
+        min_new = get("min_new_tokens") or 0
+        eos = get("eos_token_id")
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return input_ids, adapter, int(max_new), int(min_new), eos
+
+    def _adapter(self, adapter_names):
+        """The one adapter of this call (``None``: base), or ``_NO_ADAPTER``."""
+        layers = [m for m in self.model.modules() if isinstance(m, LoRALinear)]
+        registry = layers[0].registry if layers else None
+        if adapter_names is not None:
+            if registry is None or isinstance(adapter_names, str) or len(adapter_names) != 1:
+                return _NO_ADAPTER
+            name = adapter_names[0]
+            registry.index(name)  # unknown names raise, as on transformers' path
+            if name is None or name == BASE_ADAPTER:
+                return None
+            if any(m.disabled or name in m.merged for m in layers if name in m.lora_A):
+                return _NO_ADAPTER
+            return name
+        with_adapters = [m for m in layers if m.lora_A]
+        if not with_adapters:
+            return None
+        if all(m.disabled for m in with_adapters):
+            return None if not any(m.merged for m in with_adapters) else _NO_ADAPTER
+        if any(m.disabled for m in with_adapters):
+            return _NO_ADAPTER
+        active = {m.active_adapter for m in with_adapters
+                  if m.active_adapter is not None and m.active_adapter not in m.merged}
+        if not active:
+            return None
+        if len(active) > 1:
+            return _NO_ADAPTER
+        name = active.pop()
+        if any(m.active_adapter != name for m in with_adapters if name in m.lora_A):
+            return _NO_ADAPTER
+        return name
+
+
+@torch.no_grad()
+def greedy_generate(decoder: LlamaDecoder, input_ids: torch.Tensor, max_new_tokens: int,
+                    min_new_tokens: int = 0, eos_token_ids=(), adapter: str | None = None
+                    ) -> torch.Tensor:
+    """``[1, T + n]``: ``input_ids [1, T]`` followed by up to ``max_new_tokens`` greedy
+    tokens, stopping after an EOS token once ``min_new_tokens`` were generated."""
+    t = input_ids.shape[1]
+    if max_new_tokens <= 0:
+        return input_ids
+    session = decoder.session(t + max_new_tokens, adapter)
+    eos = set(int(e) for e in eos_token_ids)
+    eos_index = torch.tensor(sorted(eos), dtype=torch.int64)
+    out = [int(v) for v in input_ids[0].tolist()]
+    logits = session.forward(input_ids[0].to(decoder.device))[-1]
+    for step in range(max_new_tokens):
+        if step:
+            logits = session.step(out[-1])[0]
+        if step < min_new_tokens and eos:
+            logits = logits.index_fill(0, eos_index, float("-inf"))
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        if nxt in eos:
+            break
+    return torch.tensor([out], dtype=input_ids.dtype, device=input_ids.device)
+
+
+def enable_fast_generate(model: nn.Module) -> FastGenerate:
+    """Route ``model.generate`` through the lean decoder when a call allows it.
+
+    ``model`` must already be patched (``lorart.patch``/``from_gguf``); the wrapper
+    sits over its ``generate`` and is removed with it by ``lorart.unpatch``.
+    """
+    current = model.__dict__.get("generate")
+    if isinstance(current, FastGenerate):
+        return current
+    if current is None:
+        current = type(model).generate.__get__(model)
+    wrapper = FastGenerate(model, current)
+    model.__dict__["generate"] = wrapper
+    return wrapper

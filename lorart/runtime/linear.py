@@ -1,0 +1,220 @@
+"""``DecodeLinear``: one or more linear layers bound once to lorart's fused CPU kernel.
+
+A decode step calls ~200 small linear layers; through the op surface each call
+re-validates its arguments and re-derives the kernel arguments (~16 us of Python for a
+25 us 576x576 4-bit GEMV, measured 2026-12-02 on the shared 2-core machine). Here
+everything the kernel needs is derived once, when the runner is built:
+
+    y [M, N] = x [M, K] Wᵀ + bias + (x Aᵀ) Bᵀ            (the adapter's scale folded into B)
+
+Several layers reading the same input (q/k/v, gate/up) are concatenated along N into
+one base (rows of packed codes and scales move as they are, so it stays exact) and one
+adapter pair: ``A = [A_q; A_k; A_v]`` ``[R, K]``, ``B`` block-diagonal ``[N, R]``, each
+block ``scale_i · B_i``. One kernel launch then serves the group.
+
+On CPU the call goes straight to ``lorart._C.cpu_forward`` with the cached pointers;
+elsewhere (GPU), and for bases that kernel does not take (the 8-bit layout), it goes
+through the op surface (``lora_linear``), so the runner works wherever the op surface does.
+
+Cost: a concatenated group is a copy of its layers' bases (for SmolLM2, q/k/v + gate/up
+are 66% of the 66 MB of 4-bit weights, so ~43 MB more memory while a decoder exists).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..layers import LoRALinear
+from ..ops import lora_linear
+from ..quant import QuantizedWeight
+
+# Schemes of lorart._C.cpu_forward (4-bit); others (the 8-bit layout) take the op surface.
+_FUSED_4BIT = ("asym", "sym", "nf4")
+
+
+def _base_of(module: nn.Module) -> torch.Tensor | QuantizedWeight:
+    """The base weight ``[N, K]`` of a ``LoRALinear`` or an ``nn.Linear``."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach()
+    base = getattr(module, "base", None)  # LoRALinear, QuantizedLinear, TiedQuantizedLinear
+    if isinstance(base, torch.Tensor | QuantizedWeight):
+        return base
+    raise TypeError(f"expected a LoRALinear, nn.Linear or quantized linear module, got "
+                    f"{type(module).__name__}")
+
+
+def _concat_bases(bases: Sequence[torch.Tensor | QuantizedWeight]
+                  ) -> torch.Tensor | QuantizedWeight:
+    if len(bases) == 1:
+        return bases[0]
+    if all(isinstance(b, QuantizedWeight) for b in bases):
+        first = bases[0]
+        same = all(b.scheme == first.scheme and b.group_size == first.group_size
+                   and b.scales.dtype == first.scales.dtype for b in bases)
+        if same:
+            offsets = (None if first.offsets is None
+                       else torch.cat([b.offsets for b in bases]))
+            return QuantizedWeight(torch.cat([b.qweight for b in bases]),
+                                   torch.cat([b.scales for b in bases]), offsets,
+                                   first.group_size, first.scheme)
+    if all(isinstance(b, torch.Tensor) for b in bases):
+        return torch.cat(list(bases))
+    raise ValueError("cannot concatenate bases of different kinds; bind the layers separately")
+
+
+def _adapter_pair(modules: Sequence[nn.Module], adapter: str | None, dtype, device
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(A [R, K], B [N_total, R])`` of ``adapter`` over the group, scales folded into B."""
+    if adapter is None:
+        return None
+    parts = []
+    for m in modules:
+        if isinstance(m, LoRALinear) and adapter in m.lora_A and adapter not in m.merged:
+            parts.append((m.lora_A[adapter].detach(), m.lora_B[adapter].detach(),
+                          m.scaling(adapter)))
+        else:
+            parts.append(None)
+    if all(p is None for p in parts):
+        return None
+    k = parts[next(i for i, p in enumerate(parts) if p is not None)][0].shape[1]
+    rank = sum(p[0].shape[0] for p in parts if p is not None)
+    n_total = sum(m.out_features for m in modules)
+    a = torch.zeros(rank, k, dtype=dtype, device=device)
+    b = torch.zeros(n_total, rank, dtype=dtype, device=device)
+    row = col = 0
+    for m, p in zip(modules, parts):
+        if p is not None:
+            a_i, b_i, scale = p
+            r = a_i.shape[0]
+            a[col:col + r] = a_i.to(dtype)
+            b[row:row + m.out_features, col:col + r] = b_i.to(torch.float32).mul(scale).to(dtype)
+            col += r
+        row += m.out_features
+    return a, b
+
+
+class DecodeLinear:
+    """``y = x Wᵀ + bias + (x Aᵀ) Bᵀ`` for a group of layers sharing their input.
+
+    Args:
+        modules: ``LoRALinear`` / ``nn.Linear`` layers with the same ``in_features``;
+            their outputs are concatenated in this order (``split`` gives the sizes).
+        dtype: activation dtype (float32 for the GGUF models).
+
+    The base is bound once; :meth:`bind` gives the callable for one adapter (cached per
+    adapter name, immutable, so concurrent calls with different adapters can share it).
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], dtype: torch.dtype = torch.float32) -> None:
+        modules = list(modules)
+        in_f = {m.in_features for m in modules}
+        if len(in_f) != 1:
+            raise ValueError(f"layers of one group must share in_features, got {sorted(in_f)}")
+        for m in modules:
+            if isinstance(m, LoRALinear) and m.fan_in_fan_out:
+                raise ValueError("Conv1D-based layers are not supported by the decode runner")
+        self.modules = modules
+        self.in_features = in_f.pop()
+        self.split = [m.out_features for m in modules]
+        self.out_features = sum(self.split)
+        bases = []
+        for m in modules:
+            base = _base_of(m)
+            if isinstance(base, torch.Tensor) and base.dtype != dtype:
+                base = base.to(dtype)
+            bases.append(base)
+        self.base = _concat_bases(bases)
+        self.device = (self.base.device if isinstance(self.base, torch.Tensor)
+                       else self.base.qweight.device)
+        self.dtype = dtype
+        biases = [getattr(m, "bias", None) for m in modules]
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [torch.zeros(n, dtype=dtype, device=self.device) if b is None
+             else b.detach().to(dtype) for b, n in zip(biases, self.split)])
+        self._bound: dict[str | None, BoundLinear] = {}
+
+    def _adapter_key(self, adapter: str | None) -> tuple:
+        """Identity and version of the adapter's parameters: a new key means rebind."""
+        key = [adapter]
+        for m in self.modules:
+            if isinstance(m, LoRALinear) and adapter in m.lora_A:
+                a, b = m.lora_A[adapter], m.lora_B[adapter]
+                key += [id(a), a._version, id(b), b._version, m.scaling(adapter),
+                        adapter in m.merged]
+        return tuple(key)
+
+    def bind(self, adapter: str | None) -> BoundLinear:
+        """The layer group with ``adapter`` fused in (``None``: base only)."""
+        key = self._adapter_key(adapter)
+        bound = self._bound.get(adapter)
+        if bound is None or bound.key != key:
+            pair = _adapter_pair(self.modules, adapter, self.dtype, self.device)
+            if pair is None and adapter is not None:
+                bound = BoundLinear(self, None, None)  # the adapter skips this group
+            else:
+                bound = BoundLinear(self, *(pair if pair is not None else (None, None)))
+            bound.key = key
+            self._bound[adapter] = bound
+        return bound
+
+
+class BoundLinear:
+    """One ``DecodeLinear`` with one adapter (or none); call it on ``x [M, K]``."""
+
+    def __init__(self, group: DecodeLinear, lora_a: torch.Tensor | None,
+                 lora_b: torch.Tensor | None) -> None:
+        self.base, self.bias, self.dtype = group.base, group.bias, group.dtype
+        self.in_features, self.out_features = group.in_features, group.out_features
+        self.device = group.device
+        self.lora_a, self.lora_b = lora_a, lora_b
+        self.key: tuple = ()
+        self._cpu_args = self._bind_cpu() if self.device.type == "cpu" else None
+
+    def _bind_cpu(self) -> tuple | None:
+        """``(cpu_forward, fixed keyword arguments)`` (None: use the op surface)."""
+        try:
+            from .._C import cpu_forward
+            from ..backend import cpu as cpu_backend
+            from ..backend.base import SCHEME_IDS
+        except ImportError:
+            return None
+        if self.dtype not in cpu_backend._DTYPE_CODE:
+            return None
+        base = self.base
+        if isinstance(base, QuantizedWeight):
+            if base.scheme not in _FUSED_4BIT or cpu_backend.CpuBackend().unsupported(
+                    torch.empty(1, base.shape[1], dtype=self.dtype), base, None) is not None:
+                return None
+            weight_args = cpu_backend._weight_args(
+                base.qweight, base.scales, base.offsets, SCHEME_IDS[base.scheme],
+                base.group_size)
+        else:
+            weight_args = cpu_backend._weight_args(base, None, None, cpu_backend._DENSE, 0)
+        rank = 0 if self.lora_b is None else self.lora_b.shape[1]
+        fixed = dict(dtype=cpu_backend._DTYPE_CODE[self.dtype], ldx=self.in_features,
+                     **weight_args, a=cpu_backend._buf(self.lora_a),
+                     b=cpu_backend._buf(self.lora_b), total_rank=rank,
+                     rank_offsets=[0, rank] if rank else [0], lora_scales=[1.0] if rank else [],
+                     adapter_ids=(0, 0), ldy=self.out_features,
+                     decode_max_rows=cpu_backend.DECODE_MAX_ROWS)
+        return cpu_forward, fixed
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``y [M, N]`` for ``x [M, K]``; ``residual [M, N]``, when given, is added."""
+        if self._cpu_args is None or x.dtype != self.dtype or x.device != self.device:
+            y = lora_linear(x, self.base, self.lora_a, self.lora_b, 1.0, self.bias)
+            return y if residual is None else y.add_(residual)
+        cpu_forward, fixed = self._cpu_args
+        x = x.contiguous()
+        m, n = x.shape[0], self.out_features
+        bias = self.bias
+        if residual is not None and m == 1 and bias is None and residual.is_contiguous():
+            bias, residual = residual, None  # one row: the residual is a bias vector
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        cpu_forward(m=m, x=(x.data_ptr(), x.numel()),
+                    bias=(0, 0) if bias is None else (bias.data_ptr(), n),
+                    y=(y.data_ptr(), m * n), **fixed)
+        return y if residual is None else y.add_(residual)

@@ -1,0 +1,190 @@
+"""The lean batch-1 decoder (lorart.runtime) against transformers' forward of the same
+model: logits of prefill, chunked prefill and decode steps, with and without adapters,
+and ``model.generate`` routing (lean path only where it returns what transformers would)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_close
+
+import lorart
+from lorart.runtime import DecodeLinear, LlamaDecoder, enable_fast_generate, greedy_generate
+
+ADAPTERS = Path(lorart.__file__).parent / "data" / "adapters"
+
+
+def _tiny_llama(quantize, bias: bool, seed: int = 0):
+    """A random 3-layer Llama (GQA 4/2 heads, odd vocab) patched by lorart, 2 adapters."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, attention_bias=bias, rope_theta=1e4,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lorart.patch(model, "all-linear", quantize=quantize, group_size=32)
+    lorart.add_adapter(model, "a", r=4, lora_alpha=8, init_lora_weights=False)
+    lorart.add_adapter(model, "b", r=2, lora_alpha=2, init_lora_weights=False,
+                       target_modules=["q_proj", "down_proj"])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _hf_logits(model, ids, adapter):
+    names = ["__base__"] if adapter is None else [adapter]  # "a" is active by default
+    with torch.no_grad():
+        return model(ids, adapter_names=names).logits[0]
+
+
+@pytest.mark.parametrize("quantize,bias", [(None, False), ("int4", True), ("nf4", False)])
+@pytest.mark.parametrize("adapter", [None, "a", "b"])
+def test_tiny_llama_logits_match_transformers(quantize, bias, adapter):
+    model = _tiny_llama(quantize, bias)
+    ids = torch.randint(0, 101, (1, 13))
+    expected = _hf_logits(model, ids, adapter)
+    decoder = LlamaDecoder(model)
+    whole = decoder.session(20, adapter).forward(ids[0], last_only=False)
+    assert_close(whole, expected, what="prefill")
+    session = decoder.session(20, adapter)  # 6-token prefill, a 4-token chunk, 3 decode steps
+    parts = [session.forward(ids[0, :6], last_only=False),
+             session.forward(ids[0, 6:10], last_only=False)]
+    parts += [session.forward(ids[0, 10:11])]  # the general path, one token
+    parts += [session.step(int(ids[0, i])) for i in (11, 12)]  # the one-token hot path
+    assert_close(torch.cat(parts), expected, what="chunked")
+    with pytest.raises(ValueError, match="max_len"):
+        session.forward(ids[0, :8])
+
+
+def test_decode_linear_groups_equal_separate_layers():
+    model = _tiny_llama("int4", True)
+    attn = model.model.layers[1].self_attn
+    group = DecodeLinear([attn.q_proj, attn.k_proj, attn.v_proj])
+    x = torch.randn(5, 64)
+    for adapter in (None, "a", "b"):
+        y = group.bind(adapter)(x)
+        with torch.no_grad():
+            ref = torch.cat([m(x, adapter_ids=[-1 if adapter is None else
+                                               m.registry.index(adapter)] * 5)
+                             if adapter is None or adapter in m.lora_A else
+                             m(x, adapter_ids=[-1] * 5)
+                             for m in (attn.q_proj, attn.k_proj, attn.v_proj)], -1)
+        assert_close(y, ref, what=f"adapter {adapter}")
+    residual = torch.randn(1, group.out_features)
+    y1 = group.bind("a")(x[:1], residual=residual)
+    assert_close(y1, group.bind("a")(x[:1]) + residual, what="residual as bias")
+    # Adapter weights written in place (training) are picked up on the next bind.
+    with torch.no_grad():
+        attn.q_proj.lora_B["a"].mul_(3)
+    assert_close(group.bind("a")(x), torch.cat([attn.q_proj(x, adapter_ids=[0] * 5),
+                                                attn.k_proj(x, adapter_ids=[0] * 5),
+                                                attn.v_proj(x, adapter_ids=[0] * 5)], -1))
+
+
+def test_tiny_generate_routing(monkeypatch):
+    model = _tiny_llama("int4", False)
+    fast = enable_fast_generate(model)
+    assert enable_fast_generate(model) is fast
+    ids = torch.randint(3, 101, (1, 7))
+    kw = dict(max_new_tokens=9, do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def both(**extra):
+        out = model.generate(ids, **kw, **extra)
+        path = fast.last_path
+        monkeypatch.setenv("LORART_FAST_DECODE", "0")
+        ref = model.generate(ids, **kw, **extra)
+        monkeypatch.delenv("LORART_FAST_DECODE")
+        assert fast.last_path == "transformers"
+        return path, out, ref
+
+    for extra in ({}, {"adapter_names": ["a"]}, {"adapter_names": ["__base__"]},
+                  {"adapter_names": ["b"]}):
+        path, out, ref = both(**extra)
+        assert path == "lorart", extra
+        assert torch.equal(out, ref), extra
+    lorart.set_adapter(model, "b")
+    path, out, ref = both()
+    assert path == "lorart" and torch.equal(out, ref)
+    with lorart.disable_adapters(model):
+        path, out, ref = both()
+        assert path == "lorart" and torch.equal(out, ref)
+    # Not greedy batch-1: transformers' loop serves it.
+    model.generate(ids.repeat(2, 1), **kw)
+    assert fast.last_path == "transformers"
+    model.generate(ids, **{**kw, "do_sample": True, "top_k": 5})
+    assert fast.last_path == "transformers"
+    model.generate(ids, **kw, repetition_penalty=1.3)
+    assert fast.last_path == "transformers"
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.generate(ids, **kw, adapter_names=["nope"])
+    lorart.unpatch(model)
+    assert "generate" not in model.__dict__
+
+
+def test_greedy_generate_stops_at_eos_after_min_new_tokens():
+    model = _tiny_llama(None, False, seed=1)
+    decoder = LlamaDecoder(model)
+    ids = torch.randint(3, 101, (1, 5))
+    free = greedy_generate(decoder, ids, 12)
+    eos = int(free[0, 7])  # the third generated token becomes "EOS"
+    first = (free[0, 5:] == eos).nonzero()[0].item()
+    stopped = greedy_generate(decoder, ids, 12, eos_token_ids=[eos])
+    assert stopped.shape[1] == 5 + first + 1 and int(stopped[0, -1]) == eos
+    forced = greedy_generate(decoder, ids, 12, min_new_tokens=12, eos_token_ids=[eos])
+    assert forced.shape[1] == 17 and eos not in forced[0, 5:].tolist()
+
+
+def test_unsupported_model_is_refused():
+    with pytest.raises(ValueError, match="only transformers Llama"):
+        LlamaDecoder(torch.nn.Linear(3, 3))
+
+
+# --------------------------------------------------------------------------- SmolLM2
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    try:
+        model, tok = lorart.from_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    lorart.load_adapter(model, ADAPTERS / "pirate", "pirate")
+    return model, tok
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", [None, "pirate"])
+def test_smollm2_decode_matches_transformers(smollm2, adapter):
+    """Prefill + 4 decode steps of the real 4-bit model equal transformers' forward of
+    the same model (which test_smollm2 checks against transformers' own GGUF load)."""
+    model, tok = smollm2
+    ids = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}],
+                                  add_generation_prompt=True, return_tensors="pt")
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    with torch.no_grad():
+        expected = model(ids, adapter_names=[adapter or "__base__"]).logits[0]
+    session = LlamaDecoder(model).session(ids.shape[1], adapter)
+    t = ids.shape[1] - 4
+    got = [session.forward(ids[0, :t], last_only=False)]
+    got += [session.step(int(ids[0, i])) for i in range(t, ids.shape[1])]
+    assert_close(torch.cat(got), expected, factor=4, what="logits")
+
+
+@pytest.mark.slow
+def test_smollm2_generate_takes_lean_path(smollm2, monkeypatch):
+    model, tok = smollm2
+    ids = tok.apply_chat_template([{"role": "user", "content": "Say hello."}],
+                                  add_generation_prompt=True, return_tensors="pt")
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    for names in (None, ["pirate"], ["__base__"]):  # None: the active adapter (pirate)
+        out = model.generate(ids, max_new_tokens=16, do_sample=False, adapter_names=names)
+        assert model.generate.last_path == "lorart"
+        monkeypatch.setenv("LORART_FAST_DECODE", "0")
+        ref = model.generate(ids, max_new_tokens=16, do_sample=False, adapter_names=names)
+        monkeypatch.delenv("LORART_FAST_DECODE")
+        assert torch.equal(out, ref), tok.decode(out[0]) + " != " + tok.decode(ref[0])

@@ -23,6 +23,7 @@ SUBCOMMANDS = [
     "demo",
     "train",
     "bench",
+    "serve",
 ]
 
 

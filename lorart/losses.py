@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import routing
 from .ops import lora_linear
 from .quant import QuantizedWeight
 
@@ -63,7 +64,8 @@ def head_weight(head: nn.Module) -> tuple[torch.Tensor | QuantizedWeight, torch.
 
     if isinstance(head, LoRALinear):
         in_use = (not head.disabled and head.lora_A
-                  and (head.registry.rows is not None or head.active_adapter is not None))
+                  and (routing.current(head.registry) is not None
+                       or head.active_adapter is not None))
         if in_use:
             raise TypeError("the output layer has LoRA adapters in use; the fused loss only "
                             "covers a plain (dense or 4-bit) output layer")

@@ -213,6 +213,12 @@ class AdapterPool:
                 self.slots.holder:
             del self._combos[key]
 
+    def loads_finished(self) -> bool:
+        """Whether a background load has finished and waits for :meth:`poll` to install it
+        (the engine's idle loop must step then, or a lone waiting request would hang)."""
+        with self._lock:
+            return any(e.loading is not None and e.loading.done() for e in self.entries.values())
+
     def poll(self) -> list[AdapterRef]:
         """Install finished loads (engine thread). Returns refs that failed (``.error``)."""
         failed = []

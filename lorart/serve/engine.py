@@ -297,7 +297,8 @@ class Engine:
     def _has_work(self) -> bool:
         s = self.scheduler
         return bool(self._incoming or self._cancels or s.running
-                    or any(r.adapter.ready or r.adapter.error for r in s.waiting))
+                    or any(r.adapter.ready or r.adapter.error for r in s.waiting)
+                    or (bool(s.waiting) and self.pool.loads_finished()))
 
     def _loop(self) -> None:
         while True:

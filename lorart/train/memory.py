@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import routing
+
 # RMSNorms computing weight * (x / rms(x)).to(x.dtype) in float32, like LlamaRMSNorm
 # (Gemma's 1 + weight variant is NOT this and is left alone).
 _LLAMA_STYLE_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
@@ -226,7 +228,7 @@ def _checkpointed_forward(module: nn.Module, registry):
     def forward(*args, **kwargs):
         if not (module.training and torch.is_grad_enabled()):
             return inner(*args, **kwargs)
-        rows = None if registry is None else registry.rows
+        rows = None if registry is None else routing.current(registry)
         # A KV cache would be written twice (forward and recomputation); training has no
         # use for it (transformers' own checkpointing drops it the same way).
         for key in ("cache", "past_key_values", "past_key_value", "layer_past"):
@@ -238,11 +240,8 @@ def _checkpointed_forward(module: nn.Module, registry):
         def run(*a, **k):
             if registry is None:
                 return inner(*a, **k)
-            outer, registry.rows = registry.rows, rows  # the forward's per-row adapters
-            try:
+            with routing.using(rows):  # the forward's per-row adapters, recomputed too
                 return inner(*a, **k)
-            finally:
-                registry.rows = outer
 
         return checkpoint(run, *args, use_reentrant=False, **kwargs)
 

@@ -13,11 +13,8 @@ a time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 

@@ -13,8 +13,11 @@ a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -177,6 +180,210 @@ def test_adapter_dir_adapter_loads_on_a_lone_first_request(server):
     for name in DIR_ADAPTERS:
         reply = _chat(short, name, QUESTIONS[0], max_tokens=2)
         assert reply.usage.completion_tokens >= 1
+
+
+def test_greedy_chat_equals_generate_for_base_and_8_adapters(client, base_id, reference):
+    for i, name in enumerate([None, *ALL_ADAPTERS]):
+        question = QUESTIONS[i % len(QUESTIONS)]
+        out = _chat(client, name or base_id, question)
+        text, n_tokens, n_prompt, finish_reason = reference.chat(name, question)
+        assert out.choices[0].message.content == text, name
+        assert out.choices[0].message.role == "assistant"
+        assert out.usage.completion_tokens == n_tokens and out.usage.prompt_tokens == n_prompt
+        assert out.choices[0].finish_reason == finish_reason
+        assert out.model == (name or base_id)
+    # the adapters really change the answers (the routing is not a no-op)
+    same_question = {_chat(client, n or base_id, QUESTIONS[2]).choices[0].message.content
+                     for n in [None, "uppercase", "pirate", "rand_qv", "rand_mlp", "rand_all"]}
+    assert len(same_question) >= 5, same_question
+
+
+def test_greedy_completions_equal_generate(client, base_id, reference):
+    prompts = ["The capital of France is", "Once upon a time"]
+    out = client.completions.create(model="rand_all", prompt=prompts, max_tokens=MAX_TOKENS,
+                                     temperature=0)
+    assert [c.index for c in out.choices] == [0, 1]
+    for choice, prompt in zip(out.choices, prompts):
+        assert choice.text == reference.completion("rand_all", prompt)[0]
+    assert out.usage.prompt_tokens == sum(reference.completion("rand_all", p)[2]
+                                          for p in prompts)
+    single = client.completions.create(model=base_id, prompt=prompts[0], max_tokens=MAX_TOKENS,
+                                       temperature=0)
+    assert single.choices[0].text == reference.completion(None, prompts[0])[0]
+
+
+def test_concurrent_requests_equal_one_at_a_time(server, client, base_id):
+    jobs = [(name, QUESTIONS[(i // len(ALL_ADAPTERS)) % len(QUESTIONS)])
+            for i, name in enumerate([None, *ALL_ADAPTERS] * 2)]
+    assert len(jobs) >= 16 and len({n for n, _ in jobs}) == 9
+    one_at_a_time = [_chat(client, n or base_id, q).choices[0].message.content for n, q in jobs]
+
+    async def all_at_once():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused",
+                                     max_retries=0, timeout=300)
+        async with aclient:
+            outs = await asyncio.gather(*[aclient.chat.completions.create(
+                model=n or base_id, messages=[{"role": "user", "content": q}],
+                max_tokens=MAX_TOKENS, temperature=0) for n, q in jobs])
+        return [o.choices[0].message.content for o in outs]
+
+    assert asyncio.run(all_at_once()) == one_at_a_time
+
+
+def test_streaming_equals_non_streaming(client, base_id):
+    for name in ("pirate", "dir_ko", None):
+        plain = _chat(client, name or base_id, QUESTIONS[1])
+        chunks = list(_chat(client, name or base_id, QUESTIONS[1], stream=True,
+                            stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == plain.choices[0].message.content
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and
+                  c.choices[0].finish_reason]
+        assert finish == [plain.choices[0].finish_reason]
+        assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+        assert all(c.usage is None for c in chunks[:-1])
+
+    plain = client.completions.create(model="json", prompt="The sky is", max_tokens=MAX_TOKENS,
+                                      temperature=0)
+    chunks = list(client.completions.create(model="json", prompt="The sky is", stream=True,
+                                            max_tokens=MAX_TOKENS, temperature=0))
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    assert all(c.usage is None for c in chunks)  # no include_usage: no usage chunk
+
+
+def test_raw_sse_format(server, base_id):
+    body = {"model": base_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    for e in events[:-1]:
+        assert json.loads(e[len("data: "):])["object"] == "chat.completion.chunk"
+
+
+def test_runtime_load_use_unload(server, client, reference):
+    r = httpx.post(server.url + "/v1/load_lora_adapter",
+                   json={"lora_name": "runtime_x", "lora_path": "runtime_src"})
+    assert r.status_code == 200, r.text
+    assert "runtime_x" in {m.id for m in client.models.list().data}
+    out = _chat(client, "runtime_x", QUESTIONS[2])
+    assert out.choices[0].message.content == reference.chat("rand_qv", QUESTIONS[2])[0]
+    # the same name again is refused until it is unloaded
+    again = httpx.post(server.url + "/v1/load_lora_adapter",
+                       json={"lora_name": "runtime_x", "lora_path": "runtime_src"})
+    assert again.status_code == 400
+    r = httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "runtime_x"})
+    assert r.status_code == 200, r.text
+    assert "runtime_x" not in {m.id for m in client.models.list().data}
+    with pytest.raises(openai.NotFoundError):
+        _chat(client, "runtime_x", QUESTIONS[2])
+    r = httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "runtime_x"})
+    assert r.status_code == 404
+
+
+# ---- errors ---------------------------------------------------------------------------
+
+
+def _error_cases(base: str, adapter_dir: Path, secret: Path):
+    chat = {"model": base, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    return [
+        # (name, path, json body or raw bytes, expected status)
+        ("unknown model", "/v1/chat/completions", {**chat, "model": "nope"}, 404),
+        ("unknown model, completions", "/v1/completions",
+         {"model": "nope", "prompt": "x", "max_tokens": 2}, 404),
+        ("malformed JSON", "/v1/chat/completions", b'{"model": "x", "messages": [', 400),
+        ("body not an object", "/v1/chat/completions", b"[1, 2]", 400),
+        ("missing messages", "/v1/chat/completions", {"model": base}, 400),
+        ("empty messages", "/v1/chat/completions", {**chat, "messages": []}, 400),
+        ("bad role", "/v1/chat/completions",
+         {**chat, "messages": [{"role": "wizard", "content": "x"}]}, 400),
+        ("negative max_tokens", "/v1/chat/completions", {**chat, "max_tokens": -1}, 400),
+        ("zero max_tokens", "/v1/completions",
+         {"model": base, "prompt": "x", "max_tokens": 0}, 400),
+        ("negative temperature", "/v1/chat/completions", {**chat, "temperature": -0.5}, 400),
+        ("temperature not a number", "/v1/chat/completions", {**chat, "temperature": "hot"},
+         400),
+        ("top_p out of range", "/v1/chat/completions", {**chat, "top_p": 1.5}, 400),
+        ("missing prompt", "/v1/completions", {"model": base}, 400),
+        ("unsupported logprobs", "/v1/completions",
+         {"model": base, "prompt": "x", "logprobs": 2}, 400),
+        ("prompt longer than the context", "/v1/completions",
+         {"model": base, "prompt": [1] * 20000, "max_tokens": 2}, 400),
+        ("unload unknown adapter", "/v1/unload_lora_adapter", {"lora_name": "never"}, 404),
+        ("load missing path", "/v1/load_lora_adapter",
+         {"lora_name": "m", "lora_path": str(adapter_dir / "missing")}, 404),
+        ("load missing relative path", "/v1/load_lora_adapter",
+         {"lora_name": "m", "lora_path": "missing"}, 404),
+        ("load outside the adapter dir", "/v1/load_lora_adapter",
+         {"lora_name": "e", "lora_path": str(secret / "evil")}, 403),
+        ("load with ..", "/v1/load_lora_adapter",
+         {"lora_name": "e", "lora_path": str(adapter_dir / ".." / "secret" / "evil")}, 403),
+        ("load relative ..", "/v1/load_lora_adapter",
+         {"lora_name": "e", "lora_path": "../secret/evil"}, 403),
+        ("load through a symlink", "/v1/load_lora_adapter",
+         {"lora_name": "e", "lora_path": str(adapter_dir / "link_out" / "evil")}, 403),
+        ("load corrupt adapter", "/v1/load_lora_adapter",
+         {"lora_name": "c", "lora_path": "corrupt"}, 422),
+        ("load incompatible adapter", "/v1/load_lora_adapter",
+         {"lora_name": "w", "lora_path": "wrong_shape"}, 422),
+        ("load missing lora_path field", "/v1/load_lora_adapter", {"lora_name": "x"}, 400),
+        ("unknown route", "/v1/nothing", {}, 404),
+    ]
+
+
+def test_every_error_case_has_its_status_and_openai_shape(server, base_id, adapter_files):
+    cases = _error_cases(base_id, adapter_files["adapter_dir"], adapter_files["secret"])
+    failures = []
+    for name, path, body, status in cases:
+        kw = {"content": body, "headers": {"content-type": "application/json"}} \
+            if isinstance(body, bytes) else {"json": body}
+        r = httpx.post(server.url + path, timeout=60, **kw)
+        error = r.json().get("error") if r.headers["content-type"].startswith(
+            "application/json") else None
+        if r.status_code != status or not isinstance(error, dict) or \
+                set(error) != {"message", "type", "param", "code"} or not error["message"]:
+            failures.append(f"{name}: {r.status_code} {r.text[:200]}")
+    assert not failures, "\n".join(failures)
+    # the runtime loads that failed changed nothing
+    names = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    assert not names & {"m", "e", "c", "w"}
+
+
+def test_openai_client_sees_typed_errors(client, base_id):
+    with pytest.raises(openai.NotFoundError) as info:
+        _chat(client, "no-such-adapter", "Hi")
+    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        _chat(client, base_id, "Hi", max_tokens=-3)
+
+
+@contextlib.contextmanager
+def _busy(server, base_id):
+    """A long base-model request streaming in the background while the block runs (real
+    traffic keeps the engine stepping), cancelled by closing it at the end."""
+    stop = threading.Event()
+
+    def run():
+        body = {"model": base_id, "prompt": "Count:", "max_tokens": 1000, "ignore_eos": True,
+                "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=60)
 
 
 def test_adapter_that_fails_on_first_use_keeps_the_server_serving(server, client, base_id,

@@ -1,9 +1,9 @@
 """One adapter's weights in host memory, read and validated from PEFT files or tensors.
 
 ``AdapterWeights.layers`` maps a projection's module path to ``(A [r, K], B [N, r],
-scale)`` in PEFT's shapes. Validation reuses ``lorart.peft_io`` (config fields, key
-names, pickle refusal) and checks every shape against the served model before the
-adapter is accepted, so a bad adapter is rejected whole.
+scale)`` in PEFT's shapes. Validation is ``lorart.peft_format``'s, shared with
+``load_adapter`` (config fields, key names, pickle refusal, every shape against the
+served model) and done before the adapter is accepted, so a bad adapter is rejected whole.
 
 A weighted combination ``[(a, w_a), (b, w_b)]`` is itself an ``AdapterWeights``: per
 layer, A is the concatenation of the parts' A rows and B the concatenation of the
@@ -14,15 +14,12 @@ nothing padded:   Σ w_i c_i B_i A_i  =  [w_a c_a B_a | w_b c_b B_b] · [A_a ; A
 from __future__ import annotations
 
 import itertools
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .. import peft_io
-from ..patch import find_targets
+from .. import peft_format
 from .errors import AdapterLoadError
 
 _versions = itertools.count(1)
@@ -53,7 +50,7 @@ def read_dir(name: str, path: str | Path, model, shapes: dict[str, tuple[int, in
              ) -> AdapterWeights:
     """Read a PEFT adapter directory; ``AdapterLoadError`` if anything is wrong."""
     try:
-        raw, tensors = peft_io._read_dir(path)
+        raw, tensors = peft_format.read_dir(path)
     except (OSError, ValueError) as exc:
         raise AdapterLoadError(f"adapter {name!r}: {exc}") from exc
     return from_tensors(name, tensors, raw, model, shapes, source=str(path))
@@ -67,20 +64,16 @@ def from_tensors(name: str, tensors: dict[str, torch.Tensor], config: dict, mode
     (``{module path: (out, in)}`` of the projections the engine serves)."""
     where = source or f"adapter {name!r}"
     try:
-        cfg = peft_io.AdapterConfig(config, f"{where} config")
+        cfg = peft_format.AdapterConfig(config, f"{where} config")
         if not isinstance(tensors, dict) or not all(
                 isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
             raise ValueError(f"{where}: tensors must map PEFT key strings to tensors")
-        by_module = peft_io._parse_keys(tensors, where)
+        by_module = peft_format.lora_pairs(tensors, where)
         if not by_module:
             raise ValueError(f"{where}: no LoRA weights")
-        if cfg.target_modules is not None:
-            try:
-                targeted = set(find_targets(model, cfg.target_modules, cfg.exclude_modules))
-            except (TypeError, re.error) as exc:
-                raise ValueError(f"{where}: target_modules={cfg.target_modules!r}: {exc}") \
-                    from exc
-            missing = sorted((targeted & set(shapes)) - set(by_module))
+        selected = peft_format.targeted(model, cfg, where)
+        if selected is not None:
+            missing = sorted((selected & set(shapes)) - set(by_module))
             if missing:
                 raise ValueError(f"{where}: missing weights for {missing[:3]} "
                                  f"({len(missing)} modules) selected by target_modules")
@@ -98,23 +91,10 @@ def _check_layer(path: str, pair: dict, cfg, shapes, where: str):
     if path not in shapes:
         raise ValueError(f"{where}: adapter targets module {path!r}, which is not a "
                          f"LoRA-patched projection of the served model")
-    for kind in ("lora_A", "lora_B"):
-        if kind not in pair:
-            raise ValueError(f"{where}: missing {path}.{kind}.weight")
-    out_f, in_f = shapes[path]
-    r = cfg.rank(path)
-    a, b = pair["lora_A"], pair["lora_B"]
     if cfg.fan_in_fan_out:
         raise ValueError(f"{where}: fan_in_fan_out=True (Conv1D) is not served")
-    for kind, t, shape in (("lora_A", a, (r, in_f)), ("lora_B", b, (out_f, r))):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{where}: {path}.{kind}.weight has shape {list(t.shape)}, "
-                             f"expected {list(shape)} (r={r}, layer [{out_f}, {in_f}])")
-        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{where}: {path}.{kind}.weight must be finite floats")
-    alpha = cfg.alpha(path)
-    scale = alpha / (math.sqrt(r) if cfg.use_rslora else r)
-    return a.detach().float().contiguous(), b.detach().float().contiguous(), float(scale)
+    a, b = peft_format.check_pair(path, pair, cfg, *shapes[path], where)
+    return a.detach().float().contiguous(), b.detach().float().contiguous(), cfg.scale(path)
 
 
 def from_model(model, name: str, layers) -> AdapterWeights:

@@ -33,6 +33,7 @@ from torch import nn
 from . import routing
 from .adapters import AdapterBatch, AdapterStack
 from .ops import check_shape, lora_linear, multi_lora_linear
+from .packed import KeepsPackedLayout
 from .quant import QuantizedWeight, quantize
 from .routing import BASE_ADAPTER, Route
 
@@ -98,7 +99,7 @@ class BaseLinear(nn.Linear):
         return lora_linear(x, weight, None, None, bias=bias)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(KeepsPackedLayout):
     """A linear layer ``y = x Wᵀ + bias`` plus named LoRA adapters (see module doc).
 
     Build it with :meth:`from_linear`. ``weight`` (dense base, ``[N, K]``) is the

@@ -17,18 +17,8 @@ from torch import nn
 
 import lorart
 from lorart.layers import BaseLinear
+from lorart.model_io import model_nbytes
 from lorart.models import default_gguf_path
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of every distinct storage held (parameters and buffers)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
 
 
 def float_output_variant(model: nn.Module) -> nn.Module:
@@ -80,7 +70,7 @@ def main() -> None:
     print(f"threads={torch.get_num_threads()} gguf file {file_bytes / 1e6:.1f} MB, "
           f"{args.tokens} greedy tokens, batch 1, median of {args.runs}")
     for name, m in variants.items():
-        b = model_bytes(m)
+        b = model_nbytes(m)
         print(f"{name:32} {b / 1e6:7.1f} MB ({b / file_bytes:.2f}x file)  "
               f"{statistics.median(rates[name]):6.1f} tok/s  (runs: "
               f"{', '.join(f'{r:.1f}' for r in rates[name])})")

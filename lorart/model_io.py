@@ -33,6 +33,18 @@ _FORMAT = "lorart.model"
 _VERSION = "1"
 
 
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes of every distinct storage ``model`` holds (parameters and buffers): what the
+    model costs in memory, a tied embedding/output matrix counted once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
 def _modules_meta(model: nn.Module) -> tuple[dict, list[str]]:
     """``{path: description}`` of every lorart module, and the adapter registry's order."""
     meta: dict[str, dict] = {}

@@ -11,6 +11,7 @@ from conftest import assert_close
 import lorart
 from lorart import LoRALinear
 from lorart.embedding import QuantizedEmbedding, TiedQuantizedLinear
+from lorart.model_io import model_nbytes
 
 pytest.importorskip("gguf")
 try:  # the package's own __init__ needs `llm`; only its data file is used
@@ -59,21 +60,10 @@ def test_every_linear_is_4bit_and_no_float_copy(ours):
     assert sum(p.numel() for p in model.parameters()) == 61 * 576
 
 
-def _model_bytes(model) -> int:
-    """Bytes of every distinct storage the model holds (parameters and buffers)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
 def test_model_holds_about_its_gguf_bytes(ours):
     """Issue #14: whole model <= 1.1x the GGUF file (was 1.83x with a float embedding)."""
     model, _ = ours
-    assert _model_bytes(model) <= 1.1 * default_gguf_path().stat().st_size
+    assert model_nbytes(model) <= 1.1 * default_gguf_path().stat().st_size
 
 
 def test_weights_equal_transformers_exactly(ours, theirs):

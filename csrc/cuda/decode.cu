@@ -508,9 +508,9 @@ void validate(const DecodeArgs& a) {
     require(g == 32 || g == 64 || g == 128 || g == 256 || (int8 && g == 16),
             "group_size must be 32, 64, 128 or 256 (also 16 for int8), got " + std::to_string(g));
     require(a.k % g == 0, "K must be a multiple of group_size");
-    require(a.scheme >= 0 && a.scheme <= 3,
-            "scheme must be 0 (asym), 1 (sym), 2 (nf4) or 3 (int8), got " +
-                std::to_string(a.scheme));
+    require(
+        a.scheme >= 0 && a.scheme <= 3,
+        "scheme must be 0 (asym), 1 (sym), 2 (nf4) or 3 (int8), got " + std::to_string(a.scheme));
     require(a.scales != nullptr, "scales are required for a quantized weight");
     require(int8 || (a.offsets != nullptr) == (a.scheme == static_cast<int>(Scheme::kAsym)),
             "offsets must be given for scheme asym, may be for int8, and not for sym or nf4");

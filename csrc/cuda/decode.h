@@ -29,8 +29,8 @@ struct DecodeArgs {
   const int64_t* rank_offsets;  // [S + 1] device; needed with lora_b
   const int32_t* adapter_ids;   // [M] device in -1..S-1, or nullptr = adapter 0
   int64_t m = 0, n = 0, k = 0;
-  int64_t ldb = 0;  // row stride of lora_b (R)
-  int64_t ldt = 0;  // row stride of lora_t (max rank)
+  int64_t ldb = 0;     // row stride of lora_b (R)
+  int64_t ldt = 0;     // row stride of lora_t (max rank)
   int group_size = 0;  // 32..256 (16..256 for int8)
   int scheme = 0;      // lorart::Scheme: 0 asym, 1 sym, 2 nf4, 3 int8
   bool quantized = false;

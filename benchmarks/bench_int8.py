@@ -45,8 +45,8 @@ def main() -> None:
             x = torch.randn(m, k)
 
             def run(rows_limit, x=x, qw=qw):
-                return cpu_int8.int8_forward(x, qw, None, None, None, [0], [], None,
-                                             decode_max_rows=rows_limit)
+                return cpu_int8.forward(x, qw.qweight, qw.scales, qw.offsets, qw.group_size,
+                                        None, None, None, [0], [], None, rows_limit)
 
             dec = _median_ms(lambda: run(1 << 30), args.reps)
             many = _median_ms(lambda: run(0), args.reps)

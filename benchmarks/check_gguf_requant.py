@@ -13,7 +13,9 @@ exactly what llama.cpp writes), then for each file:
   ``tests/test_smollm2.py`` uses for the Q4_1 file) and their argmax;
 - checks the tensors stay quantized in lorart: linear layers and embedding held packed,
   whole-model bytes against the file size;
-- generates 8 greedy tokens with each and says whether they agree.
+- generates 8 greedy tokens with each and says whether they agree;
+- with ``--decode-tokens N``: lorart's batch-1 greedy decode tok/s (median of 3 runs,
+  one process, files one after another: compare them as ratios, on a quiet machine).
 
 Not a test (it needs llama-cpp-python and writes ~100 MB a file); results go to
 benchmarks/RESULTS.md by hand.
@@ -28,6 +30,7 @@ import argparse
 import collections
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -42,7 +45,7 @@ from lorart.models import default_gguf_path
 from lorart.quant import QuantizedWeight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gguf_model import model_bytes  # noqa: E402
+from bench_gguf_model import decode_tok_s, model_bytes  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain."]
 LOGIT_FACTOR = 10  # as tests/test_smollm2.py: 30 layers of float32, another op order
@@ -102,7 +105,16 @@ def greedy(model, tok, batch, tokens: int) -> list[list[int]]:
     return out[:, batch["input_ids"].shape[1]:].tolist()
 
 
-def check_file(path: Path, tokens: int) -> dict:
+def decode_rate(model, tok, tokens: int, runs: int = 3) -> float:
+    """Median batch-1 greedy tok/s of ``model`` on one chat prompt (after a warm-up)."""
+    ids = tok.apply_chat_template([{"role": "user", "content": "Tell me about Paris."}],
+                                  add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    decode_tok_s(model, ids, 4)
+    return statistics.median(decode_tok_s(model, ids, tokens) for _ in range(runs))
+
+
+def check_file(path: Path, tokens: int, decode_tokens: int = 0) -> dict:
     from transformers import AutoModelForCausalLM
 
     row: dict = {"file": path.name, "file_mb": round(path.stat().st_size / 1e6, 1),
@@ -113,6 +125,11 @@ def check_file(path: Path, tokens: int) -> dict:
     row["lorart_mb"] = round(model_bytes(ours) / 1e6, 1)
     row["bytes_vs_file"] = round(model_bytes(ours) / path.stat().st_size, 3)
     row |= packed_summary(ours)
+    if decode_tokens:
+        try:
+            row["lorart_decode_tok_s"] = round(decode_rate(ours, tok, decode_tokens), 2)
+        except Exception as exc:  # report it, keep checking the file
+            row["lorart_decode_error"] = f"{type(exc).__name__}: {exc}"[:300]
     batch = chat_batch(tok)
     with torch.no_grad():
         mine = ours(**batch).logits[:, -1]
@@ -146,6 +163,8 @@ def main(argv=None) -> int:
                         help="where the requantized files go (default: a temporary dir)")
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--keep", action="store_true", help="keep the requantized files")
+    parser.add_argument("--decode-tokens", type=int, default=0,
+                        help="also time lorart's batch-1 greedy decode over this many tokens")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     src = default_gguf_path()
@@ -171,7 +190,7 @@ def main(argv=None) -> int:
         print(f"# requantized to {name} in {seconds:.1f} s: {dst}", flush=True)
         files.append(dst)
     for path in files:
-        print(json.dumps(check_file(path, args.tokens)), flush=True)
+        print(json.dumps(check_file(path, args.tokens, args.decode_tokens)), flush=True)
     if tmp is not None and not args.keep:
         tmp.cleanup()
     return 0

@@ -161,6 +161,12 @@ def test_custom_op_opcheck_and_compile():
     assert_close(compiled(x), f(x), torch.float32)
 
 
+def test_8bit_kernels_follow_the_active_isa(isa):
+    """Each ISA runs its own 8-bit kernels; avx512bf16 (bf16 dot products, which the 8-bit
+    kernels do not use) runs the avx512 ones, never the scalar fallback."""
+    assert lorart._C.int8_isa() == {"avx512bf16": "avx512"}.get(isa, isa)
+
+
 def test_boundary_rejects_bad_layouts():
     qw = _int8_weight(4, 48, 16)
     x, y = torch.zeros(1, 48), torch.zeros(1, 4)

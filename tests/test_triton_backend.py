@@ -193,13 +193,16 @@ def test_multi_adapter_forward(pattern, m, kind, dtype, ranks):
     assert_close(y, reference_forward(x, base, bias, stack, ids), dtype)
 
 
-@pytest.mark.parametrize("multi", [False, True])
-def test_decode_split_k(multi):
-    """Decode grids split K (fp32 partials + a reduce launch); bias is added exactly once."""
+@pytest.mark.parametrize("multi,kind", [(False, "asym-g32-fp16"), (True, "asym-g32-fp16"),
+                                        (False, "int8-g16-fp32-off")])
+def test_decode_split_k(multi, kind):
+    """Decode grids split K (fp32 partials + a reduce launch); bias is added exactly once.
+    The int8 g16 case also has K blocks of two groups each (a scale per column)."""
     n, k, m = 21, 512, 3
-    blocks = configs.fused_forward_blocks(configs.bucket_rows(m), n, k, 32, multi, 16)
-    assert blocks.split_k > 1
-    base = make_base("asym-g32-fp16", n, k, torch.bfloat16)
+    group = int(kind.split("-")[1][1:])
+    blocks = configs.fused_forward_blocks(configs.bucket_rows(m), n, k, group, multi, 16)
+    assert blocks.split_k > 1 and blocks.k >= group
+    base = make_base(kind, n, k, torch.bfloat16)
     stack = make_stack([16, 5] if multi else [16], n, k, torch.bfloat16)
     x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
     bias = torch.randn(n, device=DEVICE).to(torch.bfloat16)
@@ -309,6 +312,7 @@ BACKWARD_CASES = [
     ("dense", torch.bfloat16, 18, [4, 2, 7], 17, 24),
     ("int8-g16-fp32-off", torch.float32, 7, [2, 6], 11, 48),
     ("int8-g32-fp16", torch.bfloat16, 19, None, 9, 64),
+    ("int8-g64-fp16-off", torch.float16, 6, [3, 2], 10, 128),
 ]
 
 

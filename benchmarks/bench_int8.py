@@ -36,7 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
-    print(f"threads={torch.get_num_threads()}  isa={cpu.isa()}")
+    print(f"threads={torch.get_num_threads()}  isa={cpu.isa()}  "
+          f"8-bit kernels={lorart._C.int8_isa()}")
     print(f"{'N x K':>12} {'rows':>5} {'decode ms':>10} {'many ms':>9} {'torch fp32 ms':>14}")
     for n, k, g in SHAPES:
         qw = lorart.quantize(torch.randn(n, k), g, "int8")

@@ -154,6 +154,22 @@ def test_single_adapter_forward(kind, dtype, n, k, rank):
     assert_close(y.reshape(-1, n), ref, dtype)
 
 
+@pytest.mark.parametrize("kind,dtype,m", [("int8-g16-fp16-off", torch.float16, 70),
+                                          ("int8-g128-fp32", torch.bfloat16, 33)])
+def test_int8_many_rows_single_adapter(kind, dtype, m):
+    """Prefill-sized tiles (32..64 x 64..128) over 8-bit codes, one adapter for all rows."""
+    n, k = 29, 256
+    base = make_base(kind, n, k, dtype)
+    stack = make_stack([7], n, k, dtype)
+    a, b, scale = stack.adapter(0)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    assert configs.forward_path(m, True, False, True) == "fused"
+    assert configs.fused_forward_blocks(configs.bucket_rows(m), n, k, base.group_size, False,
+                                        7).m > 16
+    y = lorart.lora_linear(x, base, a, b, scale)
+    assert_close(y, reference_forward(x, base, None, stack, None), dtype)
+
+
 @pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("asym-g32-fp16",
                                                                       torch.float16)])
 def test_base_only_forward(kind, dtype):

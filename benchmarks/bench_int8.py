@@ -36,7 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
-    print(f"threads={torch.get_num_threads()}  isa={cpu.isa()}")
+    print(f"threads={torch.get_num_threads()}  isa={cpu.isa()}  "
+          f"8-bit kernels={lorart._C.int8_isa()}")
     print(f"{'N x K':>12} {'rows':>5} {'decode ms':>10} {'many ms':>9} {'torch fp32 ms':>14}")
     for n, k, g in SHAPES:
         qw = lorart.quantize(torch.randn(n, k), g, "int8")
@@ -45,8 +46,8 @@ def main() -> None:
             x = torch.randn(m, k)
 
             def run(rows_limit, x=x, qw=qw):
-                return cpu_int8.int8_forward(x, qw, None, None, None, [0], [], None,
-                                             decode_max_rows=rows_limit)
+                return cpu_int8.forward(x, qw.qweight, qw.scales, qw.offsets, qw.group_size,
+                                        None, None, None, [0], [], None, rows_limit)
 
             dec = _median_ms(lambda: run(1 << 30), args.reps)
             many = _median_ms(lambda: run(0), args.reps)

@@ -21,7 +21,38 @@ from .ops import lora_linear
 from .quant import QuantizedWeight
 
 
-class QuantizedEmbedding(nn.Module):
+class _PackedMatrix(nn.Module):
+    """What the modules below share: a ``QuantizedWeight`` held as the buffers ``qweight``,
+    ``scales`` and ``offsets`` (as in ``LoRALinear``), rebuilt by :attr:`base` so it follows
+    ``.to()``, and float casts that leave the packed layout alone."""
+
+    def _hold(self, base: QuantizedWeight) -> None:
+        if not isinstance(base, QuantizedWeight):
+            raise TypeError(f"base must be a QuantizedWeight, got {type(base).__name__}")
+        self.register_buffer("qweight", base.qweight)
+        self.register_buffer("scales", base.scales)
+        self.register_buffer("offsets", base.offsets)
+        self.group_size, self.scheme = base.group_size, base.scheme
+
+    @property
+    def base(self) -> QuantizedWeight:
+        """The packed matrix (rebuilt from the buffers, so it follows ``.to()``)."""
+        return QuantizedWeight(self.qweight, self.scales, self.offsets, self.group_size,
+                               self.scheme)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``/``.cuda()``/``.bfloat16()``: the packed scales and offsets move but keep
+        their dtype (casting fp16 scales to bf16 would round them and break the layout)."""
+        packed = {n: self._buffers.pop(n) for n in ("scales", "offsets")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in packed.items():
+                self._buffers[name] = None if t is None else t.to(self.qweight.device)
+        return self
+
+
+class QuantizedEmbedding(_PackedMatrix):
     """``nn.Embedding`` over a packed ``QuantizedWeight`` ``[num_embeddings, embedding_dim]``.
 
     Buffers ``qweight``/``scales``/``offsets`` as in ``LoRALinear``; ``forward(ids [...])``
@@ -31,21 +62,10 @@ class QuantizedEmbedding(nn.Module):
     def __init__(self, base: QuantizedWeight, padding_idx: int | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        if not isinstance(base, QuantizedWeight):
-            raise TypeError(f"base must be a QuantizedWeight, got {type(base).__name__}")
+        self._hold(base)
         self.num_embeddings, self.embedding_dim = base.shape
         self.padding_idx = padding_idx
         self.dtype = dtype
-        self.register_buffer("qweight", base.qweight)
-        self.register_buffer("scales", base.scales)
-        self.register_buffer("offsets", base.offsets)
-        self.group_size, self.scheme = base.group_size, base.scheme
-
-    @property
-    def base(self) -> QuantizedWeight:
-        """The packed table (rebuilt from the buffers, so it follows ``.to()``)."""
-        return QuantizedWeight(self.qweight, self.scales, self.offsets, self.group_size,
-                               self.scheme)
 
     def __getattr__(self, name: str):
         if name == "weight":  # say why, rather than nn.Module's bare "no attribute"
@@ -55,15 +75,8 @@ class QuantizedEmbedding(nn.Module):
         return super().__getattr__(name)
 
     def _apply(self, fn, recurse: bool = True):
-        """``.to()``/``.cuda()``/``.bfloat16()``: the packed scales and offsets move but keep
-        their dtype (casting fp16 scales to bf16 would round them and break the layout);
-        a float cast changes the output ``dtype`` instead."""
-        packed = {n: self._buffers.pop(n) for n in ("scales", "offsets")}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, t in packed.items():
-                self._buffers[name] = None if t is None else t.to(self.qweight.device)
+        """As for every packed matrix; a float cast changes the output ``dtype`` instead."""
+        super()._apply(fn, recurse)
         probe = fn(torch.zeros((), dtype=self.dtype))
         if probe.is_floating_point():
             self.dtype = probe.dtype
@@ -111,34 +124,14 @@ class TiedQuantizedLinear(nn.Module):
                 f"tied to the quantized embedding")
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(_PackedMatrix):
     """A bias-free linear layer ``y [..., N] = x [..., K] Wᵀ`` over its own packed
     ``QuantizedWeight`` (an untied GGUF ``output.weight``), through ``lora_linear``."""
 
     def __init__(self, base: QuantizedWeight) -> None:
         super().__init__()
-        if not isinstance(base, QuantizedWeight):
-            raise TypeError(f"base must be a QuantizedWeight, got {type(base).__name__}")
+        self._hold(base)
         self.out_features, self.in_features = base.shape
-        self.register_buffer("qweight", base.qweight)
-        self.register_buffer("scales", base.scales)
-        self.register_buffer("offsets", base.offsets)
-        self.group_size, self.scheme = base.group_size, base.scheme
-
-    @property
-    def base(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, self.offsets, self.group_size,
-                               self.scheme)
-
-    def _apply(self, fn, recurse: bool = True):
-        """Float casts leave the packed scales/offsets' dtype alone (see QuantizedEmbedding)."""
-        packed = {n: self._buffers.pop(n) for n in ("scales", "offsets")}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, t in packed.items():
-                self._buffers[name] = None if t is None else t.to(self.qweight.device)
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., N]`` for ``x [..., K]``, in x's dtype."""

@@ -139,9 +139,10 @@ class LoRALinear(KeepsPackedLayout):
     @classmethod
     def from_linear(cls, module: nn.Module, quantize_scheme: str | None = None,
                     group_size: int = 128, registry: AdapterRegistry | None = None,
-                    ) -> LoRALinear:
+                    scale_dtype: torch.dtype = torch.float16) -> LoRALinear:
         """Wrap an ``nn.Linear`` or ``Conv1D``; ``quantize_scheme`` in (None, "asym",
-        "sym", "nf4") quantizes its weight and frees the float copy."""
+        "sym", "nf4", "int8") quantizes its weight (``scale_dtype`` scales) and frees the
+        float copy."""
         if not is_linear_like(module):
             raise TypeError(f"module must be nn.Linear or transformers Conv1D, got "
                             f"{type(module).__name__}")
@@ -157,7 +158,7 @@ class LoRALinear(KeepsPackedLayout):
                 raise ValueError(f"cannot quantize a layer with in_features={in_f}: not "
                                  f"divisible by group_size={group_size}")
             base = quantize(w.detach().t() if conv else w.detach(), group_size,
-                            quantize_scheme)
+                            quantize_scheme, scale_dtype)
         layer = cls(in_f, out_f, base, module.bias, registry)
         layer.__dict__["original"] = module
         layer.fan_in_fan_out = conv

@@ -31,11 +31,12 @@ from torch import nn
 
 from . import routing
 from .layers import AdapterRegistry, LoRALinear, is_linear_like
-from .quant import check_group_size
+from .quant import SCALE_DTYPES, bits_of, check_group_size
 from .routing import BASE_ADAPTER, Route
 
 _STATE_ATTR = "_lorart_patch_state"
-QUANTIZE_SCHEMES = {None: None, "int4": "asym", "asym": "asym", "sym": "sym", "nf4": "nf4"}
+QUANTIZE_SCHEMES = {None: None, "int4": "asym", "asym": "asym", "sym": "sym", "nf4": "nf4",
+                    "int8": "int8"}
 
 
 class PatchState:
@@ -121,7 +122,8 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def patch(model: nn.Module, target_modules="all-linear", quantize: str | None = None,
-          group_size: int = 128, exclude_modules=None) -> nn.Module:
+          group_size: int = 128, exclude_modules=None,
+          scale_dtype: torch.dtype = torch.float16) -> nn.Module:
     """Replace the selected linear layers of ``model`` by ``LoRALinear`` (in place).
 
     Args:
@@ -129,9 +131,12 @@ def patch(model: nn.Module, target_modules="all-linear", quantize: str | None = 
         target_modules: list of module names (suffix match, like PEFT), a regex string
             (full match on the module path), or ``"all-linear"`` (every Linear/Conv1D
             except the output layer ``lm_head``).
-        quantize: ``None`` (keep dense), ``"int4"`` (asym 4-bit), ``"sym"`` or ``"nf4"``;
-            quantizing frees the float weights.
-        group_size: quantization group along in_features (32, 64, 128 or 256).
+        quantize: ``None`` (keep dense), ``"int4"`` (asym 4-bit), ``"sym"``, ``"nf4"`` or
+            ``"int8"`` (symmetric 8-bit, GGUF Q8_0's rule); quantizing frees the float
+            weights.
+        group_size: quantization group along in_features (32, 64, 128 or 256; also 16
+            for ``"int8"``).
+        scale_dtype: ``torch.float16`` (default) or ``torch.float32`` group scales.
 
     Calling it again patches further layers (already patched ones are left alone).
     Returns ``model``.
@@ -147,7 +152,10 @@ def patch(model: nn.Module, target_modules="all-linear", quantize: str | None = 
                          f"{type(model).__name__}")
     todo = [p for p in paths if not isinstance(model.get_submodule(p), LoRALinear)]
     if scheme is not None:  # check every layer before changing any
-        check_group_size(group_size)
+        check_group_size(group_size, bits=bits_of(scheme))
+        if scale_dtype not in SCALE_DTYPES:
+            raise TypeError(f"scale_dtype must be torch.float16 or torch.float32, got "
+                            f"{scale_dtype!r}")
         for p in todo:
             m = model.get_submodule(p)
             in_f = m.weight.shape[0] if not isinstance(m, nn.Linear) else m.in_features
@@ -158,7 +166,7 @@ def patch(model: nn.Module, target_modules="all-linear", quantize: str | None = 
     for p in todo:
         parent, name = get_submodule_parent(model, p)
         layer = LoRALinear.from_linear(getattr(parent, name), scheme, group_size,
-                                       state.registry)
+                                       state.registry, scale_dtype)
         setattr(parent, name, layer)
     return model
 

@@ -110,6 +110,30 @@ def _seed(request):
     yield
 
 
+def _cpu_isas() -> list[str]:
+    """Instruction sets of the C++ kernels on this machine (none without lorart._C)."""
+    try:
+        from lorart.backend import cpu
+    except ImportError:
+        return []
+    return cpu.available_isas()
+
+
+CPU_ISAS = _cpu_isas() if _LORART_PROBLEM is None else []
+
+
+@pytest.fixture(params=CPU_ISAS or [pytest.param(None, marks=pytest.mark.skip(
+    reason="lorart._C not built: no C++ kernels"))])
+def isa(request):
+    """Each instruction set the C++ kernels have here, set for the test, restored after."""
+    from lorart.backend import cpu
+
+    previous = cpu.isa()
+    cpu.set_isa(request.param)
+    yield request.param
+    cpu.set_isa(previous)
+
+
 @pytest.fixture
 def triton_interpret():
     """Whether Triton kernels run in the CPU interpreter (CI) or on a GPU."""

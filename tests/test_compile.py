@@ -30,7 +30,8 @@ def _layer(scheme):
 
 
 @pytest.mark.parametrize("backend,scheme", [("cpu", "asym"), ("cpu", None), ("torch", "nf4"),
-                                            ("triton", "sym")])
+                                            ("triton", "sym"), ("cpu", "int8"),
+                                            ("triton", "int8")])
 def test_compiled_layer_equals_eager(monkeypatch, backend, scheme):
     if backend == "cpu" and DEVICE != "cpu" or not lorart.backends()[backend][0]:
         pytest.skip(f"backend {backend} is not available here")
@@ -48,12 +49,13 @@ def test_compiled_layer_equals_eager(monkeypatch, backend, scheme):
         assert_close(compiled(x, batch), fn(x, batch))
 
 
-def test_triton_ops_pass_opcheck():
+@pytest.mark.parametrize("scheme", ["asym", "int8"])
+def test_triton_ops_pass_opcheck(scheme):
     if not lorart.backends()["triton"][0]:
         pytest.skip("triton is not available")
     from lorart.backend.triton.backend import _flat
 
-    qw = lorart.quantize(torch.randn(7, 64), 32, "asym").to(DEVICE)
+    qw = lorart.quantize(torch.randn(7, 64), 32, scheme).to(DEVICE)
     stack = lorart.AdapterStack.from_list([(torch.randn(r, 64), torch.randn(7, r), 0.5)
                                            for r in (2, 5)]).to(DEVICE)
     batch = lorart.AdapterBatch(torch.tensor([0, -1, 1], device=DEVICE), 2)

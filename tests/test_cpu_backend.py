@@ -21,18 +21,10 @@ from lorart.quant import GROUP_SIZES, SCHEMES
 
 cpu = pytest.importorskip("lorart.backend.cpu", reason="lorart._C not built")
 
-ISAS = cpu.available_isas()
+ISAS = cpu.available_isas()  # the `isa` fixture (conftest.py) runs a test on each of them
 DTYPES = (torch.float32, torch.bfloat16)
 # decode_max_rows values that force each forward path at small shapes.
 PATHS = {"decode": 1 << 30, "gemm": 0}
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    previous = cpu.isa()
-    cpu.set_isa(request.param)
-    yield request.param
-    cpu.set_isa(previous)
 
 
 @pytest.fixture(params=list(PATHS))

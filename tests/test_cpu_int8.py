@@ -15,23 +15,23 @@ from conftest import assert_close
 import lorart
 from lorart import reference
 from lorart.backend import LoRAArgs
-from lorart.backend.base import buffer
+from lorart.backend.base import SCHEME_IDS, buffer
 from lorart.quant import GROUP_SIZES_8BIT, QuantizedWeight
 
 cpu = pytest.importorskip("lorart.backend.cpu", reason="lorart._C not built")
 from lorart.backend import cpu_int8  # noqa: E402
 
-ISAS = cpu.available_isas()
 DTYPES = (torch.float32, torch.bfloat16)
 PATHS = {"decode": 1 << 30, "many": 0}
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    previous = cpu.isa()
-    cpu.set_isa(request.param)
-    yield request.param
-    cpu.set_isa(previous)
+def int8_forward(x, qw, bias, a, b, rank_offsets, lora_scales, ids,
+                 decode_max_rows=cpu_int8.INT8_DECODE_MAX_ROWS):
+    """The cpu backend's op with an 8-bit weight (scheme 3), as ``CpuBackend.forward`` calls
+    it, with the decode/many-row crossover forced."""
+    return torch.ops.lorart.cpu_lora_forward(
+        x, qw.qweight, qw.scales, qw.offsets, SCHEME_IDS["int8"], qw.group_size, bias, a, b,
+        rank_offsets, lora_scales, ids, decode_max_rows)
 
 
 def _int8_weight(n, k, g, scale_dtype=torch.float16, offsets=False) -> QuantizedWeight:
@@ -51,7 +51,7 @@ def _lora(ranks, k, n, dtype) -> LoRAArgs:
 
 
 def _check(x, qw, bias, lora, ids, path):
-    got = cpu_int8.int8_forward(
+    got = int8_forward(
         x, qw, bias, None if lora is None else lora.a, None if lora is None else lora.b,
         [0] if lora is None else lora.rank_offsets, [] if lora is None else lora.scales, ids,
         decode_max_rows=PATHS[path])
@@ -91,8 +91,7 @@ def test_odd_shapes_base_only_and_single_adapter(isa, path, n, k, m):
 
 def test_zero_rows_and_strided_x(isa):
     qw = _int8_weight(9, 64, 32)
-    assert cpu_int8.int8_forward(torch.randn(0, 64), qw, None, None, None, [0], [], None
-                                 ).shape == (0, 9)
+    assert int8_forward(torch.randn(0, 64), qw, None, None, None, [0], [], None).shape == (0, 9)
     x = torch.randn(4, 128)[:, ::2]  # non-contiguous rows
     _check(x, qw, None, None, None, "decode")
 
@@ -151,14 +150,21 @@ def test_lora_linear_layer_on_int8(monkeypatch):
 def test_custom_op_opcheck_and_compile():
     qw = _int8_weight(16, 32, 16, torch.float32, offsets=True)
     x = torch.randn(3, 32)
-    args = (x, qw.qweight, qw.scales, qw.offsets, 16, None, None, None, [0], [], None, 4)
-    torch.library.opcheck(torch.ops.lorart.cpu_int8_forward, args)
+    args = (x, qw.qweight, qw.scales, qw.offsets, SCHEME_IDS["int8"], 16, None, None, None, [0],
+            [], None, 4)
+    torch.library.opcheck(torch.ops.lorart.cpu_lora_forward, args)
 
     def f(x):
-        return cpu_int8.int8_forward(x, qw, None, None, None, [0], [], None)
+        return int8_forward(x, qw, None, None, None, [0], [], None)
 
     compiled = torch.compile(f, fullgraph=True)
     assert_close(compiled(x), f(x), torch.float32)
+
+
+def test_8bit_kernels_follow_the_active_isa(isa):
+    """Each ISA runs its own 8-bit kernels; avx512bf16 (bf16 dot products, which the 8-bit
+    kernels do not use) runs the avx512 ones, never the scalar fallback."""
+    assert lorart._C.int8_isa() == {"avx512bf16": "avx512"}.get(isa, isa)
 
 
 def test_boundary_rejects_bad_layouts():

@@ -125,7 +125,9 @@ def _decode_kwargs(**over):
     ({"m": MAX_ROWS + 1}, "rows"),
     ({"group_size": 48}, "group_size"),
     ({"k": 96, "group_size": 64}, "multiple of group_size"),
-    ({"scheme": 3}, "scheme"),
+    ({"scheme": 4}, "scheme"),
+    ({"group_size": 16}, "group_size"),  # groups of 16 are for int8 codes only
+    ({"scheme": 3, "group_size": 16, "k": 120}, "multiple of group_size"),
     ({"offsets": 0}, "offsets"),
     ({"scheme": 1}, "offsets"),
     ({"weight": 264}, "aligned"),
@@ -140,6 +142,40 @@ def test_decode_boundary_rejects_bad_arguments(over, match):
 
     with pytest.raises(ValueError, match=match):
         _C_cuda.lora_decode(**_decode_kwargs(**over))
+
+
+def test_int8_weight_reaches_the_op_as_scheme_3():
+    """An 8-bit ``QuantizedWeight`` goes to the decode op as int8 codes [N, K], scheme 3,
+    offsets optional, groups from 16 (checked through the fake implementation)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lorart.quant import QuantizedWeight
+
+    seen = []
+    real = torch.ops.lorart.cuda_lora_decode
+    with FakeTensorMode():
+        for offsets in (False, True):
+            n, k, g = 37, 48, 16
+            scales = _empty(n, k // g, dtype=torch.float32)
+            qw = QuantizedWeight(_empty(n, k, dtype=torch.int8), scales,
+                                 _empty(n, k // g, dtype=torch.float32) if offsets else None,
+                                 g, "int8")
+            stack_a, stack_b = _empty(8, k), _empty(n, 8)
+            lora = LoRAArgs(stack_a, stack_b, [0, 3, 8], [1.0, 0.5])
+            lora._device_meta = (_empty(3, dtype=torch.int64), _empty(2, dtype=torch.float32))
+            x = _empty(5, k)
+            assert CudaBackend().unsupported(x, qw, lora) is None
+            y = CudaBackend().forward(x, qw, None, lora, _empty(5, dtype=torch.int32))
+            assert tuple(y.shape) == (5, n) and y.dtype == torch.float16
+            args = (x, qw.qweight, qw.scales, qw.offsets, None, None, None, None, None, None)
+            seen.append(tuple(real(*args, g, 3, 0).shape))
+            for bad_args, match in (
+                    ((x, _empty(n, k // 2, dtype=torch.int8)), "int8 codes"),
+                    ((x, qw.qweight), "scheme must be 3")):
+                with pytest.raises(ValueError, match=match):
+                    real(*bad_args, qw.scales, qw.offsets, None, None, None, None, None, None,
+                         g, 0 if match.startswith("scheme") else 3, 0)
+    assert seen == [(5, 37), (5, 37)]
 
 
 @needs_module
@@ -211,6 +247,33 @@ def test_quantized_decode_matches_reference(scheme, dtype, group_size, scale_dty
     base_only = reference.lora_forward(x.float(), qw, bias.float(), None, None, [0], [], None)
     # the adapters must matter, or this test could not catch a broken LoRA epilogue
     assert (expected - base_only).abs().max() > 0.02 * expected.abs().max()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size, scale_dtype, offsets", [
+    (16, torch.float32, False), (16, torch.float16, True), (32, torch.float16, False),
+    (64, torch.float32, True), (128, torch.float16, False), (256, torch.float32, True)])
+@pytest.mark.parametrize("m, n", [(1, 37), (5, 133), (16, 257)])
+def test_int8_decode_matches_reference(dtype, group_size, scale_dtype, offsets, m, n):
+    """The 8-bit layout (GGUF Q8_0 / Q6_K / Q5_x): K = 5 groups, so with g=16 a lane's
+    32 k straddle groups and K (80) ends inside a 128-k chunk and inside a lane."""
+    from lorart.quant import QuantizedWeight
+
+    dev = torch.device("cuda")
+    k = group_size * 5
+    qw = quantize(torch.randn(n, k), group_size, "int8", scale_dtype)
+    if offsets:
+        qw = QuantizedWeight(qw.qweight, qw.scales, (0.1 * torch.randn(qw.scales.shape))
+                             .to(scale_dtype), group_size, "int8")
+    qw = qw.to(dev)
+    x = torch.randn(m, k, device=dev).to(dtype)
+    bias = torch.randn(n, device=dev).to(dtype)
+    stack = _stack(n, k, (3, 16, 1), dtype, dev)
+    ids = _ids(m, stack.num_adapters, dev)
+    y = CudaBackend().forward(x, qw, bias, _lora_args(stack), ids)
+    assert_close(y, _reference(x, qw, bias, stack, ids), dtype,
+                 what=f"int8 g{group_size} offsets={offsets} M={m} N={n}")
 
 
 @needs_gpu

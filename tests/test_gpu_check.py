@@ -54,7 +54,7 @@ def test_full_case_list_covers_the_brief():
     assert {16, 64} <= {c.rank for c in cases}
     assert min(c.rows for c in cases) == 1 and max(c.rows for c in cases) == 4096
     assert {1, 64} <= {c.adapters for c in cases}
-    assert {"asym", "sym", "nf4", "dense"} <= {c.weight.split("-")[0] for c in cases}
+    assert {"asym", "sym", "nf4", "int8", "dense"} <= {c.weight.split("-")[0] for c in cases}
 
 
 def _verdict(kind, rows, weight="asym-g128", **times):

@@ -10,7 +10,7 @@ from conftest import assert_close
 from torch import nn
 
 import lorart
-from lorart import LoRALinear
+from lorart import LoRALinear, reference
 
 
 def tiny_llama(layers=2):
@@ -105,6 +105,46 @@ def test_plain_module_patch_and_quantize():
     with pytest.raises(ValueError, match="group_size must be one of"):
         lorart.patch(toy, "all-linear", quantize="int4", group_size=16)
     assert not _lora_paths(toy)  # nothing half-patched
+
+
+@pytest.mark.parametrize("group_size, scale_dtype", [(16, torch.float32), (32, torch.float16)])
+def test_patch_int8_matches_the_reference(group_size, scale_dtype):
+    """quantize="int8": symmetric 8-bit layers (groups from 16, fp16/fp32 scales) whose
+    output, with an adapter, is the reference op on the layer's own dequantized weight."""
+    toy = Toy()
+    ref = copy.deepcopy(toy)
+    lorart.patch(toy, "all-linear", quantize="int8", group_size=group_size,
+                 scale_dtype=scale_dtype)
+    for p in ("inp", "blocks.0.0", "blocks.1.0"):
+        layer = toy.get_submodule(p)
+        assert layer.scheme == "int8" and layer.qweight.dtype == torch.int8
+        assert layer.scales.dtype == scale_dtype and layer.group_size == group_size
+        assert layer.original.weight.numel() == 0
+        # the model with these dequantized weights is the dense reference
+        ref.get_submodule(p).weight.data.copy_(layer.base.dequantize())
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        assert_close(toy(x), ref(x), factor=4)
+    lorart.add_adapter(toy, "a", r=3, lora_alpha=6, init_lora_weights=False)
+    layer = toy.inp
+    a, b = layer.lora_A["a"], layer.lora_B["a"]
+    with torch.no_grad():
+        expected = reference.lora_forward(x, layer.base, layer.bias, a, b, [0, 3],
+                                                 [2.0], None)
+        assert (expected - reference.lora_forward(
+            x, layer.base, layer.bias, None, None, [0], [], None)).abs().max() > 1e-3
+        assert_close(layer(x), expected)
+
+
+def test_patch_int8_bad_options_change_nothing():
+    toy = Toy()
+    with pytest.raises(TypeError, match="scale_dtype"):
+        lorart.patch(toy, "all-linear", quantize="int8", scale_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        lorart.patch(toy, "all-linear", quantize="int8", group_size=8)
+    with pytest.raises(ValueError, match="not divisible"):
+        lorart.patch(toy, "all-linear", quantize="int8", group_size=256)
+    assert not _lora_paths(toy)
 
 
 def test_int4_is_asym():

@@ -19,6 +19,7 @@ import lorart
 from lorart import AdapterBatch, AdapterStack, reference
 from lorart.backend import get_backend
 from lorart.backend.triton import TritonBackend, configs
+from lorart.quant import QuantizedWeight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -29,13 +30,18 @@ def _use_triton(monkeypatch):
 
 
 def make_base(kind: str, n: int, k: int, dtype: torch.dtype):
-    """``kind``: "dense" or "<scheme>-g<group>-<fp16|fp32 scales>"."""
+    """``kind``: "dense" or "<scheme>-g<group>-<fp16|fp32 scales>", plus "-off" for an
+    ``int8`` weight with offsets (as GGUF Q5_1 / Q5_K convert)."""
     w = torch.randn(n, k, device=DEVICE) / k**0.5
     if kind == "dense":
         return w.to(dtype)
-    scheme, group, scale = kind.split("-")
+    scheme, group, scale, *extra = kind.split("-")
     scale_dtype = torch.float16 if scale == "fp16" else torch.float32
-    return lorart.quantize(w, int(group[1:]), scheme, scale_dtype)
+    qw = lorart.quantize(w, int(group[1:]), scheme, scale_dtype)
+    if extra == ["off"]:
+        offsets = (torch.randn(qw.scales.shape, device=DEVICE) * 0.05).to(scale_dtype)
+        qw = QuantizedWeight(qw.qweight, qw.scales, offsets, qw.group_size, scheme)
+    return qw
 
 
 def make_stack(ranks: list[int], n: int, k: int, dtype: torch.dtype,
@@ -115,7 +121,8 @@ def test_import_touches_neither_triton_nor_a_gpu():
 
 # ------------------------------------------------------------------------ forward
 # (base kind, dtype, N, K, rank): odd dense K/N, quantized K = group multiples and odd N,
-# all schemes, group sizes 32..256, fp16/fp32 scales, ranks 1..128.
+# all schemes, group sizes 32..256 (16 for int8, with K = 48 ending inside a 32-wide K
+# block), fp16/fp32 scales, int8 with and without offsets, ranks 1..128.
 SINGLE_CASES = [
     ("dense", torch.float32, 7, 37, 1),
     ("dense", torch.bfloat16, 37, 7, 16),
@@ -126,6 +133,10 @@ SINGLE_CASES = [
     ("sym-g32-fp16", torch.bfloat16, 7, 96, 16),
     ("nf4-g128-fp16", torch.float32, 9, 128, 64),
     ("nf4-g32-fp32", torch.bfloat16, 11, 64, 2),
+    ("int8-g16-fp32", torch.float32, 13, 48, 4),
+    ("int8-g32-fp16-off", torch.bfloat16, 7, 96, 16),
+    ("int8-g256-fp16", torch.float16, 9, 256, 33),
+    ("int8-g64-fp32-off", torch.float16, 17, 128, 1),
 ]
 
 
@@ -141,6 +152,22 @@ def test_single_adapter_forward(kind, dtype, n, k, rank):
     ref = reference_forward(x.reshape(-1, k), base, bias, stack, None)
     assert y.dtype == dtype
     assert_close(y.reshape(-1, n), ref, dtype)
+
+
+@pytest.mark.parametrize("kind,dtype,m", [("int8-g16-fp16-off", torch.float16, 70),
+                                          ("int8-g128-fp32", torch.bfloat16, 33)])
+def test_int8_many_rows_single_adapter(kind, dtype, m):
+    """Prefill-sized tiles (32..64 x 64..128) over 8-bit codes, one adapter for all rows."""
+    n, k = 29, 256
+    base = make_base(kind, n, k, dtype)
+    stack = make_stack([7], n, k, dtype)
+    a, b, scale = stack.adapter(0)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    assert configs.forward_path(m, True, False, True) == "fused"
+    assert configs.fused_forward_blocks(configs.bucket_rows(m), n, k, base.group_size, False,
+                                        7).m > 16
+    y = lorart.lora_linear(x, base, a, b, scale)
+    assert_close(y, reference_forward(x, base, None, stack, None), dtype)
 
 
 @pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("asym-g32-fp16",
@@ -165,6 +192,8 @@ MULTI_CASES = [
     ("zipf", 45, "asym-g32-fp32", torch.float32, [8, 3, 20, 1, 64]),
     ("identical", 24, "nf4-g64-fp16", torch.bfloat16, [4, 33]),
     ("skewed", 40, "sym-g32-fp32", torch.float16, [2, 5, 9]),
+    ("zipf", 7, "int8-g16-fp16-off", torch.float32, [3, 12]),
+    ("skewed", 33, "int8-g128-fp32", torch.bfloat16, [5, 1, 8]),
 ]
 
 
@@ -180,13 +209,16 @@ def test_multi_adapter_forward(pattern, m, kind, dtype, ranks):
     assert_close(y, reference_forward(x, base, bias, stack, ids), dtype)
 
 
-@pytest.mark.parametrize("multi", [False, True])
-def test_decode_split_k(multi):
-    """Decode grids split K (fp32 partials + a reduce launch); bias is added exactly once."""
+@pytest.mark.parametrize("multi,kind", [(False, "asym-g32-fp16"), (True, "asym-g32-fp16"),
+                                        (False, "int8-g16-fp32-off")])
+def test_decode_split_k(multi, kind):
+    """Decode grids split K (fp32 partials + a reduce launch); bias is added exactly once.
+    The int8 g16 case also has K blocks of two groups each (a scale per column)."""
     n, k, m = 21, 512, 3
-    blocks = configs.fused_forward_blocks(configs.bucket_rows(m), n, k, 32, multi, 16)
-    assert blocks.split_k > 1
-    base = make_base("asym-g32-fp16", n, k, torch.bfloat16)
+    group = int(kind.split("-")[1][1:])
+    blocks = configs.fused_forward_blocks(configs.bucket_rows(m), n, k, group, multi, 16)
+    assert blocks.split_k > 1 and blocks.k >= group
+    base = make_base(kind, n, k, torch.bfloat16)
     stack = make_stack([16, 5] if multi else [16], n, k, torch.bfloat16)
     x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
     bias = torch.randn(n, device=DEVICE).to(torch.bfloat16)
@@ -294,6 +326,9 @@ BACKWARD_CASES = [
     ("nf4-g64-fp32", torch.float32, 5, [3, 8], 13, 64),
     ("sym-g32-fp16", torch.float16, 21, [1, 16, 5], 10, 96),
     ("dense", torch.bfloat16, 18, [4, 2, 7], 17, 24),
+    ("int8-g16-fp32-off", torch.float32, 7, [2, 6], 11, 48),
+    ("int8-g32-fp16", torch.bfloat16, 19, None, 9, 64),
+    ("int8-g64-fp16-off", torch.float16, 6, [3, 2], 10, 128),
 ]
 
 

@@ -27,7 +27,8 @@ def test_every_kernel_compiles_for_hopper():
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("compiled ") == len(FUSED) + 5, proc.stdout  # + reduce, sgmv x3, dX
+    # + reduce, sgmv x3, dX x2 (4-bit, 8-bit)
+    assert proc.stdout.count("compiled ") == len(FUSED) + 6, proc.stdout
 
 
 def _compile(kernel, types: dict[str, str], constexprs: dict):
@@ -43,35 +44,40 @@ def _compile(kernel, types: dict[str, str], constexprs: dict):
           flush=True)
 
 
-def _fused_types(dtype: str, out: str) -> dict[str, str]:
-    return {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "q_ptr": "*u8", "s_ptr": "*fp16",
+def _fused_types(dtype: str, out: str, codes: str) -> dict[str, str]:
+    return {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "q_ptr": codes, "s_ptr": "*fp16",
             "o_ptr": "*fp16", "t_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{out}",
             "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "ids_ptr": "*i32", "offs_ptr": "*i64",
             "lscale_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
             "MAX_RANK": "i32", "GROUPS": "i32", "K_PER_SPLIT": "i32"}
 
 
-# (dtype, quantized, scheme, LoRA mode, split-K, blocks M/N/K/R): decode and prefill tiles
+# (dtype, scheme (-1 dense; 3 int8), group, offsets, LoRA mode, split-K, blocks M/N/K/R):
+# decode and prefill tiles
 FUSED = [
-    ("bf16", True, 0, 1, 4, (16, 64, 128, 16)),   # decode, asym, one adapter, split-K
-    ("bf16", True, 2, 2, 1, (16, 32, 32, 16)),    # decode, nf4, BGMV gather
-    ("bf16", True, 2, 1, 8, (16, 64, 128, 16)),   # decode, nf4 table lookup, split-K
-    ("fp16", True, 1, 0, 1, (64, 128, 64, 16)),   # prefill base only, sym
-    ("fp32", False, 0, 1, 1, (64, 128, 64, 128)),  # dense fp32 (ieee dot), rank block 128
+    ("bf16", 0, 128, True, 1, 4, (16, 64, 128, 16)),    # decode, asym, one adapter, split-K
+    ("bf16", 2, 128, False, 2, 1, (16, 32, 32, 16)),    # decode, nf4, BGMV gather
+    ("bf16", 2, 128, False, 1, 8, (16, 64, 128, 16)),   # decode, nf4 table lookup, split-K
+    ("fp16", 1, 128, False, 0, 1, (64, 128, 64, 16)),   # prefill base only, sym
+    ("fp32", -1, 1, False, 1, 1, (64, 128, 64, 128)),   # dense fp32 (ieee dot), rank block 128
+    ("bf16", 3, 16, True, 1, 4, (16, 64, 32, 16)),      # decode, int8 g16 (2 groups a tile)
+    ("fp16", 3, 32, False, 2, 1, (16, 32, 32, 16)),     # decode, int8, BGMV gather
+    ("bf16", 3, 128, False, 1, 1, (64, 128, 64, 16)),   # prefill, int8, one adapter
 ]
 
 
-def compile_fused(dtype, quant, scheme, lora, split, blocks):
+def compile_fused(dtype, scheme, group, offsets, lora, split, blocks):
     import triton.language as tl
 
     from lorart.backend.triton import fused_linear
 
     dot = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
     bm, bn, bk, br = blocks
-    _compile(fused_linear.fused_lora_linear_kernel, _fused_types(dtype, dtype if split == 1
-                                                                 else "fp32"),
-             {"QUANT": quant, "SCHEME": scheme, "GROUP": 128 if quant else 1,
-              "HAS_BIAS": True, "LORA": lora, "SPLIT_K": split, "DOT": dot,
+    codes = "*i8" if scheme == 3 else "*u8"
+    _compile(fused_linear.fused_lora_linear_kernel,
+             _fused_types(dtype, dtype if split == 1 else "fp32", codes),
+             {"QUANT": scheme >= 0, "SCHEME": max(scheme, 0), "GROUP": group,
+              "OFFSETS": offsets, "HAS_BIAS": True, "LORA": lora, "SPLIT_K": split, "DOT": dot,
               "PREC": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
               "BLOCK_K": bk, "BLOCK_R": br})
 
@@ -104,12 +110,13 @@ def compile_sgmv_and_backward():
              | {"scales_ptr": "*fp32", "C": "i32", "LEFT_STRIDE": "i32", "OUT_STRIDE_R": "i32",
                 "OUT_STRIDE_C": "i32"},
              blocks | {"BLOCK_R": 16, "BLOCK_C": 64})
-    _compile(backward.dx_base_kernel,
-             {"dy_ptr": "*bf16", "w_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp16",
-              "o_ptr": "*fp16", "t_ptr": "*fp32", "dx_ptr": "*fp32", "M": "i32", "N": "i32",
-              "K": "i32", "GROUPS": "i32"},
-             {"QUANT": True, "SCHEME": 0, "GROUP": 64} | blocks | {"BLOCK_N": 64,
-                                                                  "BLOCK_K": 64})
+    for codes, scheme, group, block_k in (("*u8", 0, 64, 64), ("*i8", 3, 16, 32)):
+        _compile(backward.dx_base_kernel,
+                 {"dy_ptr": "*bf16", "w_ptr": "*bf16", "q_ptr": codes, "s_ptr": "*fp16",
+                  "o_ptr": "*fp16", "t_ptr": "*fp32", "dx_ptr": "*fp32", "M": "i32",
+                  "N": "i32", "K": "i32", "GROUPS": "i32"},
+                 {"QUANT": True, "SCHEME": scheme, "GROUP": group, "OFFSETS": scheme == 0}
+                 | blocks | {"BLOCK_N": 64, "BLOCK_K": block_k})
 
 
 if __name__ == "__main__":

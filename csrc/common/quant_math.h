@@ -21,7 +21,8 @@
 
 namespace lorart {
 
-enum class Scheme : int { kAsym = 0, kSym = 1, kNf4 = 2 };
+// kInt8: the 8-bit layout (int8 codes [N, K], code value q itself); no 16-entry table.
+enum class Scheme : int { kAsym = 0, kSym = 1, kNf4 = 2, kInt8 = 3 };
 
 // The 16 NormalFloat-4 values of QLoRA (Dettmers et al. 2023), as float32.
 LORART_HD float nf4_value(int q) {
@@ -50,6 +51,7 @@ LORART_HD float nf4_value(int q) {
 LORART_HD float code_value(Scheme scheme, int q) {
   switch (scheme) {
     case Scheme::kAsym:
+    case Scheme::kInt8:  // an 8-bit code is its own value
       return static_cast<float>(q);
     case Scheme::kSym:
       return static_cast<float>(q - 8);

@@ -1,5 +1,6 @@
 // CUDA decode kernels: y = x Wᵀ + bias + per-row LoRA for M <= 16 rows, W packed 4-bit
-// (asym / sym / nf4, groups of 32..256 along K) or dense fp16/bf16.
+// (asym / sym / nf4, groups of 32..256 along K), 8-bit (int8 codes, groups of 16..256,
+// optional offsets; int8_lane.cuh) or dense fp16/bf16.
 //
 // Two launches per layer:
 //  1. shrink_kernel (only with adapters): t[m, j] = c_s · x[m] · A_s[j], fp32 [M, max_rank],
@@ -20,6 +21,8 @@
 //     Dequantization: fp16 activations with fp16 scales (asym/sym) take a packed-half
 //     path (two weights per LOP3 + HSUB2 + HFMA2); bf16, fp32 scales and nf4 take an
 //     fp32 path (quant_math.h's dequantize_value, then one rounding to the MMA type).
+//     8-bit codes always take the fp32 path (int8_loop: 32 bytes per row per lane, two
+//     streaming loads, a scale per 16-k half so groups of 16 work), one n-tile per block.
 //
 // Activations are read by each warp straight from global memory through L1 rather
 // than staged in shared memory: with split-K every 128-k chunk of x is used by exactly
@@ -39,6 +42,7 @@
 #include "cuda/check.cuh"
 #include "cuda/decode.h"
 #include "cuda/fragments.cuh"
+#include "cuda/int8_lane.cuh"
 
 namespace lorart::cuda {
 namespace {
@@ -222,6 +226,39 @@ __device__ __forceinline__ void quant_loop(const DecodeArgs& args, int64_t n_bas
   }
 }
 
+// The k-loop of one warp over 8-bit codes, shaped like quant_loop (next chunk's codes and
+// scales loaded before this one is dequantized): 2 rows x 2 16-byte loads in flight a lane.
+template <typename T, typename ScaleT, int MT>
+__device__ __forceinline__ void int8_loop(const DecodeArgs& args, int64_t n_base, int warp, int g,
+                                          int t, float (&acc)[1][MT / 8][4]) {
+  constexpr int kMHalves = MT / 8;
+  const int64_t num_chunks = (args.k + kChunkK - 1) / kChunkK;
+  const int64_t lane_k = kLaneK * t;
+  Int8Lane next;
+  if (warp < num_chunks) load_int8_lane<ScaleT>(args, n_base + g, warp * kChunkK + lane_k, next);
+#pragma unroll 1
+  for (int64_t chunk = warp; chunk < num_chunks; chunk += kWarps) {
+    const Int8Lane q = next;
+    const int64_t following = chunk + kWarps;
+    if (following < num_chunks) {
+      load_int8_lane<ScaleT>(args, n_base + g, following * kChunkK + lane_k, next);
+    }
+    uint32_t xw[kMHalves][16];
+    load_x_lane<T, MT, true, false>(args, g, chunk * kChunkK + lane_k, xw);
+#pragma unroll
+    for (int s = 0; s < kChunkK / 16; ++s) {
+      const int h = s >> 2;  // 16-k half of the lane's 32 k
+      uint32_t a[4];
+      dequant_int8_step<T>(q.codes[0][s], q.scale[0][h], q.offset[0][h], a[0], a[2]);
+      dequant_int8_step<T>(q.codes[1][s], q.scale[1][h], q.offset[1][h], a[1], a[3]);
+#pragma unroll
+      for (int hm = 0; hm < kMHalves; ++hm) {
+        mma_16816<T>(acc[0][hm], a, xw[hm][2 * s], xw[hm][2 * s + 1]);
+      }
+    }
+  }
+}
+
 // The k-loop of one warp over a dense fp16/bf16 weight (64 bytes per row per lane and
 // chunk already keep enough loads in flight; no prefetch).
 template <typename T, int MT, int NT, bool kVec>
@@ -260,7 +297,8 @@ __device__ __forceinline__ void dense_loop(const DecodeArgs& args, int64_t n_bas
 // Two blocks (16 warps) per SM caps registers at 128, which every wide-load variant
 // fits without spilling (ptxas -warn-spills is an error in the build); the narrow dense
 // fallback (odd K) needs ~160 and gets one block per SM.
-template <typename T, typename ScaleT, int MT, int NT, bool kQuant, bool kVec>
+// kInt8 (with kQuant): 8-bit codes through int8_loop (NT = 1).
+template <typename T, typename ScaleT, int MT, int NT, bool kQuant, bool kVec, bool kInt8>
 __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) decode_kernel(const DecodeArgs args) {
   constexpr int kMHalves = MT / 8;
   constexpr int kTileN = 16 * NT;
@@ -274,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) decode_kernel(const De
   const int64_t n_base = static_cast<int64_t>(blockIdx.x) * kTileN;
 
   bool use_table = false;
-  if constexpr (kQuant) {
+  if constexpr (kQuant && !kInt8) {
     // One thread, constant indices: the fully unrolled fill keeps quant_math.h's NF4
     // constants out of local memory (a per-thread dynamic index would spill them).
     if (threadIdx.x == 0) fill_code_table(static_cast<Scheme>(args.scheme), table);
@@ -293,7 +331,10 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) decode_kernel(const De
   }
   // The branch is uniform and hoisted out of the k-loop: nf4 looks codes up in the
   // shared table, asym/sym compute them (no shared-memory traffic per element).
-  if constexpr (kQuant) {
+  if constexpr (kInt8) {
+    static_assert(kQuant && NT == 1, "8-bit codes: quantized, one n-tile per block");
+    int8_loop<T, ScaleT, MT>(args, n_base, warp, g, t, acc);
+  } else if constexpr (kQuant) {
     if (use_table) {
       quant_loop<T, ScaleT, MT, NT, true>(args, n_base, warp, g, t, table, acc);
     } else {
@@ -409,35 +450,41 @@ int sm_count() {
   return count;
 }
 
-template <typename T, typename ScaleT, int MT, int NT, bool kQuant, bool kVec>
+template <typename T, typename ScaleT, int MT, int NT, bool kQuant, bool kVec, bool kInt8>
 void launch_tiles(const DecodeArgs& args, cudaStream_t stream) {
   const int64_t blocks = (args.n + 16 * NT - 1) / (16 * NT);
   require(blocks <= 0x7fffffff, "N too large for one grid");
-  decode_kernel<T, ScaleT, MT, NT, kQuant, kVec>
+  decode_kernel<T, ScaleT, MT, NT, kQuant, kVec, kInt8>
       <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
   LORART_CUDA_CHECK_LAUNCH("decode_kernel");
 }
 
-template <typename T, typename ScaleT, bool kQuant, bool kVec>
+template <typename T, typename ScaleT, bool kQuant, bool kVec, bool kInt8 = false>
 void dispatch_tiles(const DecodeArgs& args, cudaStream_t stream) {
-  const int64_t n_tiles = (args.n + 15) / 16;
-  // Dense weights: 4x the bytes per k of packed ones, so the x traffic a second n-tile
-  // saves matters 4x less, and the extra 32 weight registers would cost occupancy.
-  const bool two_tiles = kQuant && n_tiles >= kTwoTileBlocksPerSm * sm_count();
+  // Two n-tiles per block for 4-bit weights only. Dense weights: 4x the bytes per k of
+  // packed ones, so the x traffic a second n-tile saves matters 4x less, and the extra 32
+  // weight registers would cost occupancy; 8-bit codes: 32 registers of codes per n-tile
+  // and prefetch already, so a second tile would spill under the 2-blocks-per-SM cap.
+  constexpr bool kTwoTileKernels = kQuant && !kInt8;
+  const bool two_tiles = kTwoTileKernels && (args.n + 15) / 16 >= kTwoTileBlocksPerSm * sm_count();
   if (args.m <= 8) {
-    if constexpr (kQuant) {
-      if (two_tiles) return launch_tiles<T, ScaleT, 8, 2, kQuant, kVec>(args, stream);
+    if constexpr (kTwoTileKernels) {
+      if (two_tiles) return launch_tiles<T, ScaleT, 8, 2, kQuant, kVec, kInt8>(args, stream);
     }
-    return launch_tiles<T, ScaleT, 8, 1, kQuant, kVec>(args, stream);
+    return launch_tiles<T, ScaleT, 8, 1, kQuant, kVec, kInt8>(args, stream);
   }
-  if constexpr (kQuant) {
-    if (two_tiles) return launch_tiles<T, ScaleT, 16, 2, kQuant, kVec>(args, stream);
+  if constexpr (kTwoTileKernels) {
+    if (two_tiles) return launch_tiles<T, ScaleT, 16, 2, kQuant, kVec, kInt8>(args, stream);
   }
-  return launch_tiles<T, ScaleT, 16, 1, kQuant, kVec>(args, stream);
+  return launch_tiles<T, ScaleT, 16, 1, kQuant, kVec, kInt8>(args, stream);
 }
 
 template <typename T>
 void dispatch_weight(const DecodeArgs& args, cudaStream_t stream) {
+  if (args.quantized && args.scheme == static_cast<int>(Scheme::kInt8)) {
+    if (args.scales_f32) return dispatch_tiles<T, float, true, true, true>(args, stream);
+    return dispatch_tiles<T, __half, true, true, true>(args, stream);
+  }
   if (args.quantized) {
     if (args.scales_f32) return dispatch_tiles<T, float, true, true>(args, stream);
     return dispatch_tiles<T, __half, true, true>(args, stream);
@@ -457,15 +504,19 @@ void validate(const DecodeArgs& a) {
   require(a.act == Act::kF16 || a.act == Act::kBF16, "act must be float16 or bfloat16");
   if (a.quantized) {
     const int g = a.group_size;
-    require(g == 32 || g == 64 || g == 128 || g == 256,
-            "group_size must be 32, 64, 128 or 256, got " + std::to_string(g));
+    const bool int8 = a.scheme == static_cast<int>(Scheme::kInt8);
+    require(g == 32 || g == 64 || g == 128 || g == 256 || (int8 && g == 16),
+            "group_size must be 32, 64, 128 or 256 (also 16 for int8), got " + std::to_string(g));
     require(a.k % g == 0, "K must be a multiple of group_size");
-    require(a.scheme >= 0 && a.scheme <= 2, "scheme must be 0 (asym), 1 (sym) or 2 (nf4)");
+    require(
+        a.scheme >= 0 && a.scheme <= 3,
+        "scheme must be 0 (asym), 1 (sym), 2 (nf4) or 3 (int8), got " + std::to_string(a.scheme));
     require(a.scales != nullptr, "scales are required for a quantized weight");
-    require((a.offsets != nullptr) == (a.scheme == static_cast<int>(Scheme::kAsym)),
-            "offsets must be given for scheme asym and only for it");
-    // K % 32 == 0 makes every row of qweight (K/2 bytes) and x (2K bytes) 16-byte
-    // aligned once the base pointers are; the Python wrapper copies unaligned views.
+    require(int8 || (a.offsets != nullptr) == (a.scheme == static_cast<int>(Scheme::kAsym)),
+            "offsets must be given for scheme asym, may be for int8, and not for sym or nf4");
+    // K % g == 0 (K % 32 for 4-bit, K % 16 for int8) makes every row of the codes (K/2 or
+    // K bytes) and of x (2K bytes) 16-byte aligned once the base pointers are; the Python
+    // wrapper copies unaligned views.
     require(aligned16(a.weight), "qweight must be 16-byte aligned");
     require(aligned16(a.x), "x must be 16-byte aligned for a quantized weight");
   }

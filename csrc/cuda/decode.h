@@ -20,19 +20,19 @@ constexpr int64_t kMaxRows = 16;
 struct DecodeArgs {
   void* y;                      // [M, N] act
   const void* x;                // [M, K] act, contiguous
-  const void* weight;           // quantized: uint8 [N, K/2]; dense: act [N, K]
+  const void* weight;           // 4-bit: uint8 [N, K/2]; int8: int8 [N, K]; dense: act [N, K]
   const void* scales;           // [N, K/group] f16|f32 (quantized only)
-  const void* offsets;          // like scales, scheme asym only, else nullptr
+  const void* offsets;          // like scales: asym always, int8 optionally, else nullptr
   const void* bias;             // [N] act or nullptr
   const void* lora_b;           // [N, ldb] act or nullptr (no adapters)
   const float* lora_t;          // [M, ldt] fp32, already scaled; nullptr iff lora_b is
   const int64_t* rank_offsets;  // [S + 1] device; needed with lora_b
   const int32_t* adapter_ids;   // [M] device in -1..S-1, or nullptr = adapter 0
   int64_t m = 0, n = 0, k = 0;
-  int64_t ldb = 0;  // row stride of lora_b (R)
-  int64_t ldt = 0;  // row stride of lora_t (max rank)
-  int group_size = 0;
-  int scheme = 0;  // lorart::Scheme
+  int64_t ldb = 0;     // row stride of lora_b (R)
+  int64_t ldt = 0;     // row stride of lora_t (max rank)
+  int group_size = 0;  // 32..256 (16..256 for int8)
+  int scheme = 0;      // lorart::Scheme: 0 asym, 1 sym, 2 nf4, 3 int8
   bool quantized = false;
   bool scales_f32 = false;
   Act act = Act::kF16;

@@ -75,9 +75,11 @@ PYBIND11_MODULE(_C_cuda, m) {
 #else
   m.attr("ARCHS") = "";
 #endif
-  // Pointers are integers (0 = absent). y [M, N], x [M, K], weight uint8 [N, K/2] or
-  // act [N, K], scales/offsets [N, K/group], bias [N], lora_b [N, ldb], lora_t fp32
-  // [M, ldt], rank_offsets int64 [S+1], adapter_ids int32 [M]; act 0 = fp16, 1 = bf16.
+  // Pointers are integers (0 = absent). y [M, N], x [M, K], weight uint8 [N, K/2]
+  // (scheme 0-2: asym, sym, nf4), int8 [N, K] (scheme 3: the 8-bit layout, offsets
+  // optional, groups from 16) or act [N, K] (dense), scales/offsets [N, K/group], bias
+  // [N], lora_b [N, ldb], lora_t fp32 [M, ldt], rank_offsets int64 [S+1], adapter_ids
+  // int32 [M]; act 0 = fp16, 1 = bf16.
   m.def("lora_decode", &lora_decode, py::arg("y"), py::arg("x"), py::arg("weight"),
         py::arg("scales"), py::arg("offsets"), py::arg("bias"), py::arg("lora_b"),
         py::arg("lora_t"), py::arg("rank_offsets"), py::arg("adapter_ids"), py::arg("m"),

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant import SCHEMES, QuantizedWeight
+from ..quant import ALL_SCHEMES, QuantizedWeight
 
-# Scheme ids as every kernel sees them (lorart::Scheme in csrc/common/quant_math.h);
-# -1 is a dense W.
-SCHEME_IDS = {name: i for i, name in enumerate(SCHEMES)}
+# Scheme ids as every kernel sees them (lorart::Scheme in csrc/common/quant_math.h):
+# asym 0, sym 1, nf4 2, int8 3; -1 is a dense W.
+SCHEME_IDS = {name: i for i, name in enumerate(ALL_SCHEMES)}
 
 
 @dataclass
@@ -97,9 +97,10 @@ Base = torch.Tensor | QuantizedWeight
 class WeightArgs:
     """A base weight ``[N, K]`` as every backend hands it to its kernels (:func:`weight_args`).
 
-    ``data``: dense ``W [N, K]`` (``scheme = -1``) or packed codes uint8 ``[N, K/2]``
-    (``scheme`` = ``SCHEME_IDS[...]``); ``scales``/``offsets``: ``[N, K/group_size]``
-    (None for dense; offsets only for asym). All contiguous.
+    ``data``: dense ``W [N, K]`` (``scheme = -1``), packed 4-bit codes uint8 ``[N, K/2]``
+    or 8-bit codes int8 ``[N, K]`` (``scheme`` = ``SCHEME_IDS[...]``); ``scales``/
+    ``offsets``: ``[N, K/group_size]`` (None for dense; offsets for asym, optional for
+    int8). All contiguous.
     """
 
     data: torch.Tensor

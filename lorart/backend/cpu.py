@@ -14,8 +14,9 @@ for bfloat16 x, AVX-512, AVX2+FMA+F16C or portable scalar; ``LORART_CPU_ISA`` or
 
 Supported: CPU tensors, x/W/A/B float32 or bfloat16 (fp32 accumulation, output in x's
 dtype), dense W or a ``QuantizedWeight`` (asym, sym, nf4; any group size; fp16 or fp32
-scales). Anything else gets a reason from :meth:`CpuBackend.unsupported` and the
-registry falls back to the torch reference.
+scales; the 8-bit ``int8`` layout through the same op, scheme 3: ``cpu_int8.py``).
+Anything else gets a reason from :meth:`CpuBackend.unsupported` and the registry falls
+back to the torch reference.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ import torch
 
 from .. import _C
 from ..quant import QuantizedWeight
-from .base import Backend, Base, LoRAArgs, ids_of, weight_args
+from . import cpu_int8
+from .base import SCHEME_IDS, Backend, Base, LoRAArgs, ids_of, weight_args
 from .base import buffer as _buf
-from .cpu_int8 import int8_dequantize, int8_forward, is_int8
 
 __all__ = ["CpuBackend", "available_isas", "isa", "set_isa"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 _SCALE_DTYPE_CODE = {torch.float32: 0, torch.float16: 2}
 _DENSE = -1
+_INT8 = SCHEME_IDS["int8"]  # 8-bit codes [N, K]: cpu_int8.forward
 
 # Rows up to which the forward runs the fused decode GEMV (each packed byte unpacked once
 # for up to 4 rows at a time, LoRA added in the same pass); above it, the tiled GEMM
@@ -149,6 +151,9 @@ def _forward_impl(
     decode_max_rows: int,
 ) -> torch.Tensor:
     """The body of ``lorart::cpu_lora_forward`` (see there)."""
+    if scheme == _INT8:
+        return cpu_int8.forward(x, weight, scales, offsets, group_size, bias, a, b,
+                                rank_offsets, lora_scales, adapter_ids, decode_max_rows)
     x = _rows(x)
     m = x.shape[0]
     n = weight.shape[0]
@@ -178,6 +183,8 @@ def _forward_impl(
 
 def _decode_max_rows(dtype: torch.dtype, scheme: int) -> int:
     """Rows up to which the forward runs the streaming decode GEMV (fp32 FMA)."""
+    if scheme == _INT8:
+        return cpu_int8.INT8_DECODE_MAX_ROWS
     if dtype == torch.bfloat16 and _ISA["active"] in BF16_KERNEL_ISAS:
         return BF16_DECODE_MAX_ROWS if scheme != _DENSE else BF16_DENSE_DECODE_MAX_ROWS
     return DECODE_MAX_ROWS
@@ -252,9 +259,10 @@ def cpu_lora_forward(
 ) -> torch.Tensor:
     """``y [M, N]`` (x's dtype) = ``x [M, K] Wᵀ + bias + LoRA``.
 
-    ``weight`` is the dense ``W [N, K]`` (``scheme=-1``) or the packed codes
+    ``weight`` is the dense ``W [N, K]`` (``scheme=-1``), the packed codes
     ``[N, K/2]`` uint8 with ``scales``/``offsets [N, K/g]`` (scheme 0/1/2 =
-    asym/sym/nf4). ``a [R, K]``, ``b [N, R]``; ``adapter_ids [M]`` int32 or None.
+    asym/sym/nf4) or 8-bit codes ``[N, K]`` int8 (scheme 3, offsets optional).
+    ``a [R, K]``, ``b [N, R]``; ``adapter_ids [M]`` int32 or None.
     """
     return _forward_impl(x, weight, scales, offsets, scheme, group_size, bias, a, b,
                          rank_offsets, lora_scales, adapter_ids, decode_max_rows)
@@ -353,8 +361,6 @@ class CpuBackend(Backend):
         return None
 
     def forward(self, x, base, bias, lora, batch=None):
-        if is_int8(base):  # the 8-bit layout's own kernels (cpu_int8.py)
-            return int8_forward(x, base, bias, *_lora_parts(lora), ids_of(batch))
         w = weight_args(base)
         a, b, rank_offsets, lora_scales = _lora_parts(lora)
         # Eager calls skip the dispatcher (~10 us of a ~200 us decode step); traced calls
@@ -364,9 +370,9 @@ class CpuBackend(Backend):
                   rank_offsets, lora_scales, ids_of(batch), _decode_max_rows(x.dtype, w.scheme))
 
     def backward(self, dy, x, base, lora, batch, need_dx, need_dlora):
-        if is_int8(base):  # dense backward on W dequantized in C++
-            base = int8_dequantize(base, x.dtype)
         w = weight_args(base)
+        if w.scheme == _INT8:  # dense backward on W dequantized in C++
+            w = weight_args(cpu_int8.int8_dequantize(base, x.dtype))
         a, b, rank_offsets, lora_scales = _lora_parts(lora)
         dx, da, db = torch.ops.lorart.cpu_lora_backward(
             dy, x, w.data, w.scales, w.offsets, w.scheme, w.group_size, a, b, rank_offsets,

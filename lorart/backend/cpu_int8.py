@@ -1,16 +1,17 @@
-"""The ``cpu`` backend's 8-bit path: an ``int8`` ``QuantizedWeight`` through C++ kernels.
+"""The ``cpu`` backend's 8-bit path: C++ kernels for an ``int8`` ``QuantizedWeight``.
 
-One op chain, beside the 4-bit one in ``lorart.backend.cpu``: ``int8_forward`` →
-``torch.ops.lorart.cpu_int8_forward`` (a ``torch.library.custom_op`` with a fake
-implementation) → ``lorart._C.cpu_int8_forward`` (pointers, sizes; the GIL is released)
-→ the 8-bit kernel table of the instruction set in use (``csrc/cpu/int8_impl.h``).
+Reached through the cpu backend's one op chain (``lorart.backend.cpu``):
+``CpuBackend.forward`` → ``torch.ops.lorart.cpu_lora_forward`` with scheme 3
+(``SCHEME_IDS["int8"]``; the int8 codes ``[N, K]`` as its weight) → :func:`forward` here →
+``lorart._C.cpu_int8_forward`` (pointers, sizes; the GIL is released) → the 8-bit kernel
+table of the instruction set in use (``csrc/cpu/int8_impl.h``).
 
     y[i] = x[i] Wᵀ + bias + c_s · (x[i] A_sᵀ) B_sᵀ      W[n, k] = scale · q (+ offset)
 
 x/A/B/bias float32 or bfloat16 (fp32 accumulation, output in x's dtype); scales fp16 or
-fp32; offsets optional. The backward (a frozen base) dequantizes W to x's dtype in C++ and
-runs the dense backward of the cpu backend: training through an 8-bit base needs a
-transient dense copy of one layer's W, never the whole model's.
+fp32; offsets optional. The backward (a frozen base) dequantizes W to x's dtype in C++
+(:func:`int8_dequantize`) and runs the cpu backend's dense backward: training through an
+8-bit base needs a transient dense copy of one layer's W, never the whole model's.
 """
 
 from __future__ import annotations
@@ -36,11 +37,6 @@ _SCALE_DTYPE_CODE = {torch.float32: 0, torch.float16: 2}
 INT8_DECODE_MAX_ROWS = 4
 
 
-def is_int8(base) -> bool:
-    """Whether ``base`` is an 8-bit ``QuantizedWeight`` (this module's layout)."""
-    return isinstance(base, QuantizedWeight) and base.scheme == "int8"
-
-
 def _weight_args(codes, scales, offsets, group_size) -> list:
     """``[n, k, codes, scales, offsets, scale_dtype, group_size]`` for ``_C``."""
     return [codes.shape[0], codes.shape[1], buffer(codes), buffer(scales), buffer(offsets),
@@ -51,8 +47,11 @@ def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def _forward_impl(x, codes, scales, offsets, group_size, bias, a, b, rank_offsets, lora_scales,
-                  adapter_ids, decode_max_rows) -> torch.Tensor:
+def forward(x, codes, scales, offsets, group_size, bias, a, b, rank_offsets, lora_scales,
+            adapter_ids, decode_max_rows) -> torch.Tensor:
+    """``y [M, N]`` (x's dtype) = ``x [M, K] Wᵀ + bias + LoRA`` for ``codes [N, K]`` int8 and
+    ``scales``/``offsets [N, K/g]``; ``a [R, K]``, ``b [N, R]``; ids ``[M]`` or None (the
+    body of ``lorart::cpu_lora_forward`` for scheme 3)."""
     x = x.contiguous()
     m, n = x.shape[0], codes.shape[0]
     y = torch.empty((m, n), dtype=x.dtype)
@@ -66,42 +65,6 @@ def _forward_impl(x, codes, scales, offsets, group_size, bias, a, b, rank_offset
                         buffer(bias), buffer(a), buffer(b), 0 if b is None else b.shape[1],
                         rank_offsets, lora_scales, buffer(ids), buffer(y), n, decode_max_rows)
     return y
-
-
-@torch.library.custom_op("lorart::cpu_int8_forward", mutates_args=(), device_types="cpu")
-def cpu_int8_forward(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    offsets: torch.Tensor | None,
-    group_size: int,
-    bias: torch.Tensor | None,
-    a: torch.Tensor | None,
-    b: torch.Tensor | None,
-    rank_offsets: list[int],
-    lora_scales: list[float],
-    adapter_ids: torch.Tensor | None,
-    decode_max_rows: int,
-) -> torch.Tensor:
-    """``y [M, N]`` (x's dtype) = ``x [M, K] Wᵀ + bias + LoRA`` for ``codes [N, K]`` int8,
-    ``scales``/``offsets [N, K/g]``; ``a [R, K]``, ``b [N, R]``; ids ``[M]`` or None."""
-    return _forward_impl(x, codes, scales, offsets, group_size, bias, a, b, rank_offsets,
-                         lora_scales, adapter_ids, decode_max_rows)
-
-
-@cpu_int8_forward.register_fake
-def _(x, codes, scales, offsets, group_size, bias, a, b, rank_offsets, lora_scales, adapter_ids,
-      decode_max_rows):
-    return x.new_empty((x.shape[0], codes.shape[0]))
-
-
-def int8_forward(x: torch.Tensor, base: QuantizedWeight, bias, a, b, rank_offsets: list[int],
-                 lora_scales: list[float], adapter_ids,
-                 decode_max_rows: int = INT8_DECODE_MAX_ROWS) -> torch.Tensor:
-    """``y [M, N]`` for an 8-bit base (see the module doc); eager calls skip the dispatcher."""
-    op = torch.ops.lorart.cpu_int8_forward if torch.compiler.is_compiling() else _forward_impl
-    return op(x, base.qweight, base.scales, base.offsets, base.group_size, bias, a, b,
-              rank_offsets, lora_scales, adapter_ids, decode_max_rows)
 
 
 def int8_dequantize(base: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:

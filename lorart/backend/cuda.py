@@ -3,7 +3,8 @@
 One layer is two launches (see ``csrc/cuda/decode.cu``):
 
     shrink   t[m, j] = c_s · x[m] · A_s[j]                 fp32 [M, max_rank], with adapters
-    decode   y[m] = x[m] Wᵀ + bias + Σ_j t[m, j] B_s[:, j]   W 4-bit (asym/sym/nf4) or dense
+    decode   y[m] = x[m] Wᵀ + bias + Σ_j t[m, j] B_s[:, j]   W 4-bit (asym/sym/nf4), 8-bit
+                                                            (int8, offsets optional) or dense
 
 ``s = adapter_ids[m]`` (``-1`` = base only; no ids = adapter 0). Both run on the
 tensor cores with fp32 accumulation for fp16 and bf16 activations. They are wrapped as
@@ -19,7 +20,7 @@ import importlib
 
 import torch
 
-from ..quant import QuantizedWeight
+from ..quant import GROUP_SIZES, GROUP_SIZES_8BIT, QuantizedWeight
 from .base import SCHEME_IDS, Backend, Base, LoRAArgs, ids_of, weight_args
 from .torch_backend import TorchBackend
 
@@ -61,20 +62,23 @@ def _check_op_args(x, weight, scales, offsets, bias, lora_a, lora_b, rank_offset
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
     n = weight.shape[0]
-    if weight.dtype == torch.uint8:
+    if weight.dtype == torch.int8:  # the 8-bit layout: codes [N, K], offsets optional
+        if weight.shape[1] != k:
+            raise ValueError(f"int8 codes (weight) must be [N, K] = [{n}, {k}], got "
+                             f"{tuple(weight.shape)}")
+        if scheme != SCHEME_IDS["int8"]:
+            raise ValueError(f"scheme must be {SCHEME_IDS['int8']} (int8) for int8 codes, "
+                             f"got {scheme}")
+        _check_groups(n, k, group_size, GROUP_SIZES_8BIT, scales, offsets)
+    elif weight.dtype == torch.uint8:
         if 2 * weight.shape[1] != k:
             raise ValueError(f"qweight must be [N, K/2] = [{n}, {k // 2}], got "
                              f"{tuple(weight.shape)}")
-        if scheme not in SCHEME_IDS.values():
+        if scheme not in (SCHEME_IDS["asym"], SCHEME_IDS["sym"], SCHEME_IDS["nf4"]):
             raise ValueError(f"scheme must be 0 (asym), 1 (sym) or 2 (nf4), got {scheme}")
-        if group_size not in (32, 64, 128, 256) or k % group_size:
-            raise ValueError(f"group_size must be 32..256 and divide K={k}, got {group_size}")
-        for name, t in (("scales", scales), ("offsets", offsets)):
-            if t is not None and tuple(t.shape) != (n, k // group_size):
-                raise ValueError(f"{name} must be [N, K/group] = [{n}, {k // group_size}], "
-                                 f"got {tuple(t.shape)}")
-        if scales is None or (offsets is None) != (scheme != SCHEME_IDS["asym"]):
-            raise ValueError("scales are required, and offsets exactly for scheme asym")
+        _check_groups(n, k, group_size, GROUP_SIZES, scales, offsets)
+        if (offsets is None) != (scheme != SCHEME_IDS["asym"]):
+            raise ValueError("offsets must be given exactly for scheme asym")
     elif weight.dtype != x.dtype or weight.shape[1] != k:
         raise ValueError(f"dense weight must be [N, K={k}] in x's dtype {x.dtype}, got "
                          f"{weight.dtype} {tuple(weight.shape)}")
@@ -100,6 +104,21 @@ def _check_op_args(x, weight, scales, offsets, bias, lora_a, lora_b, rank_offset
         raise ValueError(f"max_rank must lie in 0..R={r}, got {max_rank}")
 
 
+def _check_groups(n, k, group_size, allowed, scales, offsets) -> None:
+    """group_size, scales and offsets of a packed weight ``[N, K]`` (scales required)."""
+    if group_size not in allowed or k % group_size:
+        raise ValueError(f"group_size must be one of {allowed} and divide K={k}, got "
+                         f"{group_size}")
+    if scales is None:
+        raise ValueError("scales are required for a quantized weight")
+    for name, t in (("scales", scales), ("offsets", offsets)):
+        if t is not None and tuple(t.shape) != (n, k // group_size):
+            raise ValueError(f"{name} must be [N, K/group] = [{n}, {k // group_size}], "
+                             f"got {tuple(t.shape)}")
+        if t is not None and t.dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"{name} must be float16 or float32, got {t.dtype}")
+
+
 # --------------------------------------------------------------------------- the op
 @torch.library.custom_op("lorart::cuda_lora_decode", mutates_args=(), device_types="cuda")
 def cuda_lora_decode(
@@ -122,12 +141,13 @@ def cuda_lora_decode(
     Args:
         x: ``[M, K]`` float16 | bfloat16, contiguous.
         weight: packed ``qweight`` uint8 ``[N, K/2]`` (then ``scales`` ``[N, K/g]``
-            float16|float32, ``offsets`` likewise for asym) or dense ``[N, K]`` in x's dtype.
+            float16|float32, ``offsets`` likewise for asym), 8-bit codes int8 ``[N, K]``
+            (scheme 3; ``offsets`` optional, g from 16) or dense ``[N, K]`` in x's dtype.
         bias: ``[N]`` or None.
         lora_a, lora_b: ``[R, K]`` and ``[N, R]`` in x's dtype, or None (base only).
         rank_offsets: int64 ``[S+1]`` and lora_scales float32 ``[S]`` on x's device.
         adapter_ids: int32 ``[M]`` in ``-1..S-1``, or None (every row uses adapter 0).
-        group_size, scheme: of the packed weight (scheme 0 asym, 1 sym, 2 nf4).
+        group_size, scheme: of the packed weight (scheme 0 asym, 1 sym, 2 nf4, 3 int8).
         max_rank: the largest adapter rank (row stride of the fp32 shrink output).
 
     Shapes and dtypes are checked here; the *values* of ``adapter_ids`` and
@@ -143,7 +163,7 @@ def cuda_lora_decode(
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    quantized = weight.dtype == torch.uint8
+    quantized = weight.dtype in (torch.uint8, torch.int8)
     # The kernels index row-major contiguous buffers; these are no-ops for the op
     # surface's already contiguous tensors and make direct calls of the op safe.
     x, weight = _aligned(x.contiguous()), weight.contiguous()

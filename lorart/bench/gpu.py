@@ -92,12 +92,16 @@ def case_list(dry: bool) -> list[Case]:
             Case("prefill", n2, k2, 24, 8, weight="asym-g32"),
             Case("backward", n1, k1, 20, 4, weight="asym-g32"),
             Case("backward", n2, k2, 20, 8, 3, weight="nf4-g32"),
+            Case("decode", n1, k1, 1, 4, weight="int8-g16"),
+            Case("decode_multi", n2, k2, 5, 8, 3, weight="int8-g32"),
+            Case("prefill", n1, k1, 24, 4, weight="int8-g64"),
         ]
     cases = [Case("decode", n, k, 1) for shapes in SHAPES.values() for n, k in shapes]
     cases += [
         Case("decode", 4096, 4096, 1, 64),
         Case("decode", 4096, 4096, 1, 16, weight="nf4-g64"),
         Case("decode", 4096, 4096, 1, 16, weight="sym-g32"),
+        Case("decode", 4096, 4096, 1, 16, weight="int8-g32"),
         Case("decode", 4096, 4096, 4, 16),
         Case("decode_multi", 4096, 4096, 16, 16, 16),
         Case("decode_multi", 11008, 4096, 16, 16, 16),

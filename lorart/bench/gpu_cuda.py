@@ -7,7 +7,7 @@
 ``rows``, ``adapters``, ``time_ms``, ``gbps``, ``tflops``, ``max_err``, ``ok``, ``note``:
 
 1. Correctness, always on a GPU: the kernels against ``lorart.reference`` (fp32) at odd
-   sizes, every scheme (asym/sym/nf4), group sizes 32..256, fp16/fp32 scales, fp16 and
+   sizes, every scheme (asym/sym/nf4/int8), group sizes 16..256, fp16/fp32 scales, fp16 and
    bf16 activations, mixed adapters with ragged ranks and base-only (-1) rows, and the
    dense base with odd K (narrow loads) and K % 8 == 0 (16-byte loads). ``max_err`` is
    max |error| / max |reference|; ``ok`` uses the test suite's tolerance per dtype.
@@ -94,10 +94,12 @@ def correctness_rows(backend, device, dry: bool) -> list[dict]:
         ("nf4", 128, torch.float16, 9, 257, 384),
         ("asym", 256, torch.float32, 16, 1, 768),
         ("nf4", 32, torch.float32, 8, 4099, 4096),
+        ("int8", 16, torch.float32, 3, 133, 80),  # 8-bit: groups straddle a lane's 32 k
+        ("int8", 128, torch.float16, 16, 257, 640),
     ]
     dense_cases = [(3, 45, 37), (16, 130, 136), (8, 301, 4096)]  # (M, N, K)
     if dry:
-        quant_cases, dense_cases = quant_cases[:3], dense_cases[:2]
+        quant_cases, dense_cases = quant_cases[:3] + quant_cases[5:6], dense_cases[:2]
     for dtype in (torch.float16, torch.bfloat16):
         tol = tolerance(dtype)
         for scheme, g, sdt, m, n, k in quant_cases:

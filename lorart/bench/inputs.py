@@ -54,7 +54,10 @@ def dequantize_like_torch(qweight: QuantizedWeight, dtype: torch.dtype) -> torch
     n, k = qweight.shape
     g = qweight.group_size
     q = qweight.qweight
-    codes = torch.stack((q & 15, q >> 4), dim=-1).view(n, k // g, g)
+    if qweight.scheme == "int8":  # one code a byte, its own value
+        codes = q.view(n, k // g, g)
+    else:
+        codes = torch.stack((q & 15, q >> 4), dim=-1).view(n, k // g, g)
     if qweight.scheme == "nf4":
         values = _nf4_table(q.device, dtype)[codes.long()]
     else:

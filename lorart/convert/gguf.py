@@ -54,21 +54,9 @@ def from_gguf_q4(data: np.ndarray | torch.Tensor, kind: str, shape: tuple[int, i
     if kind not in _LAYOUT:
         raise ValueError(f"kind must be 'Q4_0' or 'Q4_1', got {kind!r}")
     block_bytes, scheme = _LAYOUT[kind]
-    raw = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
-    if raw.dtype != np.uint8:
-        raise TypeError(f"data must be uint8 bytes, got {raw.dtype}")
-    if shape is None:
-        if raw.ndim != 2 or raw.shape[1] % block_bytes:
-            raise ValueError(f"data must be [N, K/32*{block_bytes}] bytes for {kind}, got "
-                             f"{raw.shape}; pass shape=(N, K) for flat data")
-        n, k = raw.shape[0], raw.shape[1] // block_bytes * BLOCK
-    else:
-        n, k = shape
-        if k % BLOCK or raw.size != n * k // BLOCK * block_bytes:
-            raise ValueError(f"{raw.size} bytes do not hold a {kind} tensor of shape {shape}")
-    blocks = np.ascontiguousarray(raw).reshape(n, k // BLOCK, block_bytes)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0] if scheme == "asym" else None
+    blocks, n, k = _blocks(data, kind, shape)
+    d = _half(blocks[..., 0:2])
+    m = _half(blocks[..., 2:4]) if scheme == "asym" else None
     qs = blocks[..., block_bytes - 16:]
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k)  # ggml order
     qweight = pack_codes(torch.from_numpy(codes))
@@ -117,9 +105,14 @@ def _blocks(data, kind: str, shape: tuple[int, int] | None) -> tuple[np.ndarray,
     return np.ascontiguousarray(raw).reshape(n, k // values, block_bytes), n, k
 
 
+def _half(b: np.ndarray) -> np.ndarray:
+    """fp16 values from the last axis' 2 bytes (a block's ``d`` or ``m``), as float16."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0]
+
+
 def _f16(b: np.ndarray) -> np.ndarray:
     """fp16 values from the last axis' 2 bytes, as float32 (exact)."""
-    return b.copy().view(np.float16)[..., 0].astype(np.float32)
+    return _half(b).astype(np.float32)
 
 
 def _nibbles(qs: np.ndarray, span: int) -> np.ndarray:
@@ -173,12 +166,11 @@ def from_gguf_quantized(data: np.ndarray | torch.Tensor, kind,
     blocks, n, k = _blocks(data, kind, shape)
     if kind == "Q8_0":
         codes = blocks[..., 2:].copy().view(np.int8)
-        d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
-        return _int8_weight(codes, d, None, n, k, BLOCK)
+        return _int8_weight(codes, _half(blocks[..., 0:2]), None, n, k, BLOCK)
     if kind in ("Q5_0", "Q5_1"):
         asym = kind == "Q5_1"
-        d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0] if asym else None
+        d = _half(blocks[..., 0:2])
+        m = _half(blocks[..., 2:4]) if asym else None
         start = 4 if asym else 2
         q = _nibbles(blocks[..., start + 4:], 16) | (_low_bits32(blocks, start) << 4)
         codes = q.astype(np.int16) - (0 if asym else 16)

@@ -2,7 +2,8 @@
 
 Kernel files, one purpose each:
 
-    weights.py       dequantize a base-weight tile in registers (dense / asym / sym / nf4)
+    weights.py       dequantize a base-weight tile in registers (dense / asym / sym / nf4 /
+                     int8)
     fused_linear.py  base + bias + LoRA in one launch (one adapter, or BGMV per-row gather)
     sgmv.py          shrink (x·Aᵀ), expand (y += c·t·Bᵀ) and per-adapter reductions over
                      the batch's adapter segments (SGMV), for prefill and backward

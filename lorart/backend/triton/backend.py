@@ -2,9 +2,9 @@
 
 Paths (chosen by ``configs.forward_path``; reasons written there):
 
-    fused         one launch: base (dense / 4-bit) + bias + one adapter for every row
+    fused         one launch: base (dense / 4-bit / 8-bit) + bias + one adapter for every row
     fused_gather  one launch: base + bias + per-row adapters (BGMV, decode-sized batches)
-    split         base (torch.matmul for dense, the fused kernel without LoRA for 4-bit),
+    split         base (torch.matmul for dense, the fused kernel without LoRA for packed W),
                   then SGMV shrink (x·Aᵀ) and expand (·Bᵀ added into y) over the segments
     library       base only, dense, many rows: torch.nn.functional.linear (cuBLAS)
 
@@ -64,8 +64,6 @@ class TritonBackend(Backend):
             return f"the triton backend runs CUDA tensors, got {x.device.type}"
         if x.dtype not in _DTYPES:
             return f"no Triton kernel for dtype={x.dtype} (float32, bfloat16, float16 only)"
-        if getattr(base, "bits", 4) != 4:  # formats (#14): 8-bit has no Triton kernel yet
-            return f"no Triton kernel for the {base.bits}-bit scheme {base.scheme!r}"
         return None
 
     def forward(self, x, base, bias, lora, batch=None):
@@ -118,7 +116,8 @@ def _forward(x, base, bias, lora, batch):
 
 # --------------------------------------------------------------------------- custom ops
 # The ops take the call's arguments as tensors and ints (what torch.library can carry):
-# weight = dense W [N, K] (scheme -1) or packed codes [N, K/2] with scales/offsets
+# weight = dense W [N, K] (scheme -1) or packed codes (uint8 [N, K/2]; int8 [N, K], scheme 3)
+# with scales/offsets
 # [N, K/g]; a [R, K], b [N, R], rank_offsets int64 [S+1], lora_scales fp32 [S] and
 # max_rank (None a: base only); adapter_ids [M] int32 with the batch's order [M] and
 # seg_starts [S+2] (None ids: every row uses adapter 0).
@@ -136,8 +135,9 @@ def _flat(base, bias, lora, batch) -> tuple:
 
 def _unflat(weight, scales, offsets, scheme, group_size, bias, a, b, rank_offsets,
             lora_scales, max_rank, adapter_ids, order, seg_starts):
+    per_byte = 1 if weight.dtype == torch.int8 else 2  # 8-bit codes [N, K]; 4-bit [N, K/2]
     base = weight if scheme < 0 else WeightArgs(weight, scales, offsets, scheme, group_size,
-                                                weight.shape[0], 2 * weight.shape[1])
+                                                weight.shape[0], per_byte * weight.shape[1])
     lora = None if a is None else LoRAArgs.on_device(a, b, rank_offsets, lora_scales, max_rank)
     batch = None
     if adapter_ids is not None:

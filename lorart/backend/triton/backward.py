@@ -1,4 +1,4 @@
-"""Backward with a frozen base (dense or 4-bit), multi-adapter aware.
+"""Backward with a frozen base (dense, 4-bit or 8-bit), multi-adapter aware.
 
     dX   = dY·W + Σ_s c_s (dY_s B_s) A_s      W dequantized in registers, never materialized
     dA_s = c_s (dY_s B_s)ᵀ X_s
@@ -26,18 +26,17 @@ from .weights import weight_tile
 def dx_base_kernel(
     dy_ptr, w_ptr, q_ptr, s_ptr, o_ptr, t_ptr, dx_ptr,
     M, N, K, GROUPS,
-    QUANT: tl.constexpr, SCHEME: tl.constexpr, GROUP: tl.constexpr,
+    QUANT: tl.constexpr, SCHEME: tl.constexpr, GROUP: tl.constexpr, OFFSETS: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``dx [M, K] fp32 = dy [M, N] · W [N, K]``; the K block lies in one quant group."""
+    """``dx [M, K] fp32 = dy [M, N] · W [N, K]`` (K blocks: ``configs.dx_blocks``)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_ok = rm < M
     k_ok = rk < K
-    group_idx = (pid_k * BLOCK_K) // GROUP
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
@@ -45,7 +44,7 @@ def dx_base_kernel(
         dy = tl.load(dy_ptr + rm[:, None] * N + rn[None, :], mask=m_ok[:, None] & n_ok[None, :],
                      other=0.0)
         w = weight_tile(w_ptr, q_ptr, s_ptr, o_ptr, t_ptr, rn, pid_k * BLOCK_K, N, K, GROUPS,
-                        group_idx, BLOCK_K, QUANT, SCHEME)  # [BLOCK_N, BLOCK_K]
+                        BLOCK_K, QUANT, SCHEME, GROUP, OFFSETS)  # [BLOCK_N, BLOCK_K]
         acc = tl.dot(dy.to(DOT), w.to(DOT), acc, input_precision=PREC)
     tl.store(dx_ptr + rm[:, None] * K + rk[None, :], acc, mask=m_ok[:, None] & k_ok[None, :])
 
@@ -65,7 +64,7 @@ def dx_base(dy: torch.Tensor, base) -> torch.Tensor:
     dx_base_kernel[grid](
         dy, *weight_pointers(wa, dy), dx, m, n, k, wa.groups,
         QUANT=wa.quantized, SCHEME=wa.scheme, GROUP=max(wa.group_size, 1),
-        DOT=dot_dtype(dy.dtype), PREC=dot_precision(dy.dtype),
+        OFFSETS=wa.offsets is not None, DOT=dot_dtype(dy.dtype), PREC=dot_precision(dy.dtype),
         BLOCK_M=blk.m, BLOCK_N=blk.n, BLOCK_K=blk.k, num_warps=blk.num_warps)
     return dx
 

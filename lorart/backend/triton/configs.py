@@ -93,6 +93,15 @@ def forward_path(m: int, quantized: bool, multi_adapter: bool, has_lora: bool) -
     return "fused"
 
 
+def quant_block_k(block_k: int, group_size: int) -> int:
+    """The K block for a base of ``group_size`` (0: dense): at most one quantization group,
+    so a tile needs one scale per output row, but never under 32. Only the 8-bit layout
+    has a smaller group (16, GGUF Q6_K); its tiles then span two groups and
+    ``weights.weight_tile`` loads a scale per column. 32 rather than tl.dot's floor of 16:
+    a 16-wide K loop halves the bytes each load moves. Not measured on a GPU."""
+    return min(block_k, max(group_size, 32)) if group_size else block_k
+
+
 @lru_cache(maxsize=256)
 def fused_forward_blocks(m_bucket: int, n: int, k: int, group_size: int, gather: bool,
                          max_rank: int) -> Blocks:
@@ -105,9 +114,7 @@ def fused_forward_blocks(m_bucket: int, n: int, k: int, group_size: int, gather:
     Prefill: 64x128 tiles with K blocks of 64, the usual starting point of a Triton GEMM
     on Hopper; no split-K (enough tiles already).
     """
-    block_k = 32 if gather else (128 if m_bucket <= 16 else 64)
-    if group_size:
-        block_k = min(block_k, group_size)  # one quantization group per K block
+    block_k = quant_block_k(32 if gather else (128 if m_bucket <= 16 else 64), group_size)
     if m_bucket <= 16:
         block_n = 32 if gather else 64
         tiles = -(-n // block_n)
@@ -123,8 +130,8 @@ def fused_forward_blocks(m_bucket: int, n: int, k: int, group_size: int, gather:
 
 @lru_cache(maxsize=256)
 def dx_blocks(m_bucket: int, n: int, k: int, group_size: int) -> Blocks:
-    """Tiles of ``dX = dY·W``: the K (output) block stays inside one quantization group."""
-    block_k = 64 if not group_size else min(64, group_size)
+    """Tiles of ``dX = dY·W``; the K (output) block as in :func:`quant_block_k`."""
+    block_k = quant_block_k(64, group_size)
     block_m = 16 if m_bucket <= 16 else 64
     return Blocks(m=block_m, n=64, k=block_k, num_warps=4 if block_m == 16 else 8)
 

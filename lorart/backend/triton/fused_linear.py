@@ -1,4 +1,4 @@
-"""Fused forward: base GEMM/GEMV (dense or 4-bit) + bias + LoRA in one launch.
+"""Fused forward: base GEMM/GEMV (dense, 4-bit or 8-bit) + bias + LoRA in one launch.
 
     y[i] = x[i] Wᵀ + bias + c_s · (x[i] A_sᵀ) B_sᵀ      s = adapter_ids[i] (or 0)
 
@@ -34,7 +34,7 @@ def fused_lora_linear_kernel(
     x_ptr, w_ptr, q_ptr, s_ptr, o_ptr, t_ptr, bias_ptr, y_ptr,
     a_ptr, b_ptr, ids_ptr, offs_ptr, lscale_ptr,
     M, N, K, R, MAX_RANK, GROUPS, K_PER_SPLIT,
-    QUANT: tl.constexpr, SCHEME: tl.constexpr, GROUP: tl.constexpr,
+    QUANT: tl.constexpr, SCHEME: tl.constexpr, GROUP: tl.constexpr, OFFSETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -62,8 +62,8 @@ def fused_lora_linear_kernel(
         k_ok = kk < K
         x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
                     other=0.0).to(DOT)
-        w = weight_tile(w_ptr, q_ptr, s_ptr, o_ptr, t_ptr, rn, k0, N, K, GROUPS, k0 // GROUP,
-                        BLOCK_K, QUANT, SCHEME)  # [BLOCK_N, BLOCK_K]
+        w = weight_tile(w_ptr, q_ptr, s_ptr, o_ptr, t_ptr, rn, k0, N, K, GROUPS,
+                        BLOCK_K, QUANT, SCHEME, GROUP, OFFSETS)  # [BLOCK_N, BLOCK_K]
         acc = tl.dot(x, tl.trans(w.to(DOT)), acc, input_precision=PREC)
         if LORA == 1:
             at = tl.load(a_ptr + rr[None, :] * K + kk[:, None],
@@ -164,7 +164,7 @@ def fused_forward(x: torch.Tensor, base, bias: torch.Tensor | None, lora,
         a, b, ids, offs, lscales,
         m, n, k, r_total, max_rank, wa.groups, k_per_split,
         QUANT=wa.quantized, SCHEME=wa.scheme, GROUP=max(wa.group_size, 1),
-        HAS_BIAS=bias is not None, LORA=mode, SPLIT_K=split,
+        OFFSETS=wa.offsets is not None, HAS_BIAS=bias is not None, LORA=mode, SPLIT_K=split,
         DOT=dot_dtype(x.dtype), PREC=dot_precision(x.dtype),
         BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, BLOCK_R=block_r,
         num_warps=blocks.num_warps,

@@ -18,7 +18,7 @@ import sys
 import torch
 import triton.language as tl
 
-from ...quant import SCHEMES, code_table
+from ...quant import ALL_SCHEMES, SCHEMES_8BIT, code_table
 from ..base import WeightArgs, segments_of
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -55,10 +55,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def weight_pointers(w: WeightArgs, like: torch.Tensor) -> tuple:
     """The weight's pointers in kernel order: w, qweight, scales, offsets, table (unused
-    ones point at ``like``)."""
+    ones point at ``like``; 8-bit codes need no table)."""
     if not w.quantized:
         return w.data, like, like, like, like
-    table = _code_table(SCHEMES[w.scheme], w.data.device)
+    scheme = ALL_SCHEMES[w.scheme]
+    table = like if scheme in SCHEMES_8BIT else _code_table(scheme, w.data.device)
     return like, w.data, w.scales, w.scales if w.offsets is None else w.offsets, table
 
 

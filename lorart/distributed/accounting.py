@@ -1,0 +1,3 @@
+"""Placeholder replaced below."""
+def comm_per_token(*a, **k):
+    raise NotImplementedError

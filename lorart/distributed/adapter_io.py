@@ -1,0 +1,145 @@
+"""``load_adapter`` for a tensor-parallel model: each rank reads only its slice of the file.
+
+The PEFT directory is checked as ``lorart.load_adapter`` checks it (the same
+``AdapterConfig`` and key parsing), but tensors are read with safetensors'
+``safe_open(...).get_slice`` using this rank's slice of every A and B
+(``shard.adapter_slices``), so a rank reads ``1/P`` of the file. Shapes come from the
+file's header; the finite-value check covers the slice this rank read. Before anything
+changes, the ranks agree (one all-reduce of a flag): if any rank found a problem, every
+rank raises and no rank's model changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..layers import BASE_ADAPTER
+from ..patch import find_targets, freeze_base
+from ..peft_io import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, AdapterConfig, _parse_keys
+from .layers import ShardedLoRALinear
+from .model import tp_info
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> None:
+    """Load a PEFT LoRA adapter directory into a ``tensor_parallel`` model as ``name``,
+    reading only this rank's slices. Call it on every rank of the group. Raises
+    ``ValueError``/``FileNotFoundError`` on every rank, model unchanged, when any rank
+    finds the adapter unusable."""
+    info = tp_info(model)
+    if info is None:
+        raise ValueError("model is not tensor-parallel; use lorart.load_adapter")
+    plan, error = None, None
+    try:
+        plan = _read_plan(model, path, name)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        error = exc
+    failed = torch.tensor([0 if error is None else 1 << info.rank], dtype=torch.int64)
+    if info.world > 1:
+        dist.all_reduce(failed, group=info.group)
+    if error is not None:
+        raise error
+    if int(failed):
+        ranks = [r for r in range(info.world) if int(failed) >> r & 1]
+        raise ValueError(f"{path}: adapter {name!r} failed to load on rank(s) {ranks} (see "
+                         f"their error); nothing was changed")
+    added = []
+    try:
+        for layer, r, a, b, alpha, rslora in plan:
+            layer.add_adapter_shard(name, r, alpha, rslora, a, b)
+            added.append(layer)
+    except Exception:
+        for layer in added:
+            layer.delete_adapter(name)
+        raise
+    freeze_base(model)
+
+
+def _read_plan(model: nn.Module, path, name: str) -> list:
+    """Everything checked and this rank's slices read: ``[(layer, r, A_p, B_p, alpha,
+    use_rslora)]``. Raises on any problem; changes nothing."""
+    from safetensors import SafetensorError, safe_open
+
+    if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER:
+        raise ValueError(f"name must be a non-empty adapter name without '.', got {name!r}")
+    root, where = Path(path), str(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"adapter path {where!r} is not a directory")
+    weights = root / WEIGHTS_NAME
+    if not weights.exists():
+        if any((root / n).exists() for n in PICKLE_NAMES):
+            raise ValueError(f"{root}: refusing to load a pickle file; lorart reads only "
+                             f"{WEIGHTS_NAME}")
+        raise FileNotFoundError(f"{root}: no {WEIGHTS_NAME}")
+    try:
+        raw = json.loads((root / CONFIG_NAME).read_text())
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{root}: no {CONFIG_NAME}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{root / CONFIG_NAME}: malformed JSON ({exc})") from exc
+    cfg = AdapterConfig(raw, f"{where}/{CONFIG_NAME}")
+    modules = dict(model.named_modules())
+    plan = []
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            by_module = _parse_keys({k: k for k in f.keys()}, where)
+            if not by_module:
+                raise ValueError(f"{where}: {WEIGHTS_NAME} holds no LoRA weights")
+            _check_targets(model, cfg, by_module, where)
+            for mod_path, keys in sorted(by_module.items()):
+                layer = modules.get(mod_path)
+                if not isinstance(layer, ShardedLoRALinear):
+                    raise ValueError(f"{where}: adapter targets {mod_path!r}, which is not a "
+                                     f"tensor-parallel projection of this model")
+                if name in layer.lora_A:
+                    raise ValueError(f"adapter {name!r} already exists in {mod_path!r}")
+                for kind in ("lora_A", "lora_B"):
+                    if kind not in keys:
+                        raise ValueError(f"{where}: missing {kind} for module {mod_path!r}")
+                r = cfg.rank(mod_path)
+                a, b = _read_slices(f, keys, layer, mod_path, r, where, name)
+                plan.append((layer, r, a, b, cfg.alpha(mod_path), cfg.use_rslora))
+    except SafetensorError as exc:
+        raise ValueError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    return plan
+
+
+def _read_slices(f, keys: dict, layer: ShardedLoRALinear, mod_path: str, r: int, where: str,
+                 name: str):
+    from . import shard
+
+    shard.check_adapter_rank(mod_path, layer.kind, name, r, layer.tp_world)
+    out_f, in_f = layer.out_features, layer.in_features
+    index = layer.adapter_index(r)
+    tensors = []
+    for kind, shape, idx in (("lora_A", (r, in_f), index[0]), ("lora_B", (out_f, r), index[1])):
+        part = f.get_slice(keys[kind])
+        if tuple(part.get_shape()) != shape:
+            raise ValueError(f"{where}: {mod_path}.{kind}.weight has shape "
+                             f"{list(part.get_shape())}, expected {list(shape)} (r={r}, layer "
+                             f"[{out_f}, {in_f}])")
+        t = part[idx]
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: {mod_path}.{kind}.weight must be finite floats")
+        tensors.append(t)
+    return tensors
+
+
+def _check_targets(model, cfg: AdapterConfig, by_module: dict, where: str) -> None:
+    if cfg.target_modules is None:
+        return
+    try:
+        targeted = set(find_targets(model, cfg.target_modules, cfg.exclude_modules))
+    except (TypeError, re.error) as exc:
+        raise ValueError(f"{where}: target_modules={cfg.target_modules!r}: {exc}") from exc
+    extra, missing = sorted(set(by_module) - targeted), sorted(targeted - set(by_module))
+    if extra or missing:
+        raise ValueError(f"{where}: weights for {extra[:3]} not selected by target_modules, "
+                         f"or none for {missing[:3]} selected by target_modules="
+                         f"{cfg.target_modules!r}")

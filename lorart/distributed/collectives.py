@@ -48,12 +48,22 @@ def count_bytes():
         _COUNTER.reset(token)
 
 
+def bytes_sent(op: str, nbytes: int, world: int) -> float:
+    """Bytes one rank sends for a collective over ``world`` ranks (ring algorithms):
+    ``all_reduce`` of an ``nbytes`` tensor: 2·(P−1)/P·n; ``all_gather`` of an ``nbytes``
+    piece a rank: (P−1)·n (its piece to every other rank)."""
+    if op == "all_reduce":
+        return 2 * (world - 1) * nbytes / world
+    if op == "all_gather":
+        return (world - 1) * nbytes
+    raise ValueError(f"op must be 'all_reduce' or 'all_gather', got {op!r}")
+
+
 def _record(op: str, t: torch.Tensor, world: int) -> None:
     log = _COUNTER.get()
     if log is not None:
         n = t.numel() * t.element_size()
-        sent = 2 * (world - 1) * n // world if op == "all_reduce" else (world - 1) * n
-        log.append((op, n, sent))
+        log.append((op, n, bytes_sent(op, n, world)))
 
 
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:

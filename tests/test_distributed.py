@@ -9,6 +9,7 @@ files), so "equal to one process" compares two real runs on the same inputs.
 from __future__ import annotations
 
 import copy
+import datetime
 import re
 import shutil
 import socket
@@ -183,13 +184,59 @@ def _scenario_errors(d, out):
     _expect_error(out, "err_missing", m, lambda: tpd.load_adapter(m, f"{d}/nope", "c3"))
 
 
+ENGINE_RANKS = {"e3": 3, "e4": 4, "e8": 8}  # 3: the slot mirror pads it to split evenly
+ENGINE_KW = dict(max_loras=2, max_lora_rank=8, max_num_seqs=4, max_batch_tokens=24,
+                 kv_cache_tokens=512)  # 2 slots for 3 adapters: evictions and rewrites
+
+
+def _engine_requests():
+    g = torch.Generator().manual_seed(5)
+    names = [None, "e3", "e4", "e8", "e4", "e3", None, "e8"]
+    return [(torch.randint(3, 96, (int(torch.randint(2, 12, (1,), generator=g)),),
+                           generator=g).tolist(), name) for name in names]
+
+
+def _serve(engine, d):
+    from lorart.serve import SamplingParams
+
+    for name in ENGINE_RANKS:
+        engine.add_adapter(name, f"{d}/{name}")
+    handles = [engine.submit(prompt_token_ids=p, adapter=a,
+                             sampling=SamplingParams(max_tokens=5, ignore_eos=True))
+               for p, a in _engine_requests()]
+    engine.run_until_idle()
+    return [h.result(timeout=0).token_ids for h in handles]
+
+
+def _scenario_engine(d, out):
+    from lorart.distributed.engine import TensorParallelEngine
+    from lorart.serve import Engine
+    from lorart.serve.testing import tiny_llama as serving_llama
+
+    model = serving_llama(seed=1)
+    if dist.get_rank() == 0:
+        single = Engine(copy.deepcopy(model), None, **ENGINE_KW)
+        want = _serve(single, d)
+        single.shutdown()
+    tpd.tensor_parallel(model)
+    engine = TensorParallelEngine(model, None, **ENGINE_KW)
+    if dist.get_rank() == 0:
+        got = _serve(engine, d)
+        out["engine"] = (got, want, engine.metrics().adapter_evictions_total)
+        engine.shutdown()
+    else:
+        out["engine_follower_steps"] = engine.follow()
+
+
 def _worker(rank, port, d):
     torch.set_num_threads(1)
+    # a short collective timeout: a rank that fails mid-step must not hang the suite
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=90))
     out = {}
     try:
-        for scenario in (_scenario_dense, _scenario_quantized, _scenario_errors):
+        for scenario in (_scenario_dense, _scenario_quantized, _scenario_errors,
+                         _scenario_engine):
             try:
                 scenario(d, out)
             except Exception:  # recorded, so the other scenarios still report
@@ -227,6 +274,13 @@ def _write_inputs(d) -> None:
     lorart.add_adapter(wide, "q", r=4, lora_alpha=8, init_lora_weights=False,
                        target_modules="all-linear")
     lorart.save_adapter(wide, f"{d}/wide_q", "q")
+    from lorart.serve.testing import random_adapter, write_peft_dir
+    from lorart.serve.testing import tiny_llama as serving_llama
+
+    served = serving_llama(seed=1)
+    for i, (name, r) in enumerate(ENGINE_RANKS.items()):
+        targets = None if i != 1 else ("q_proj", "v_proj", "down_proj")
+        write_peft_dir(f"{d}/{name}", *random_adapter(served, r, seed=10 + i, targets=targets))
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +348,14 @@ def test_bad_configurations_raise_before_changing_anything(records, key, match):
     for message, unchanged in _get(records, key):
         assert re.search(match, message), message
         assert unchanged
+
+
+def test_engine_across_ranks_equals_one_process(records):
+    rank0, rank1 = records
+    if "engine" not in rank0:
+        pytest.fail(f"no engine record; crashes: {[v for k, v in rank0.items() if 'crash' in k]}")
+    got, want, evictions = rank0["engine"]
+    assert got == want
+    assert all(len(t) == 5 for t in got)
+    assert evictions > 0  # slots were rewritten while serving: the mirror followed
+    assert rank1["engine_follower_steps"] > 0

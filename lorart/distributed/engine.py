@@ -28,6 +28,8 @@ are not imported (they hold only this rank's slice).
 
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 
@@ -47,6 +49,17 @@ def _info_or_error(model):
         raise ValueError("the model is not tensor-parallel; call "
                          "lorart.distributed.tensor_parallel(model) on every rank first")
     return info
+
+
+def init_from_env() -> int:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``
+    ...) with gloo (the served model lives on the CPU); returns this process's rank.
+
+    The collective timeout is long: a follower waits in a broadcast for as long as the
+    server is idle. A rank that exits makes torchrun stop the others."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return dist.get_rank()
 
 
 class MirroredSlots(ResidentSlots):
@@ -181,6 +194,17 @@ class TensorParallelEngine(Engine):
             raise ValueError(f"ranks planned different KV caches ({-int(blocks[1])} to "
                              f"{int(blocks[0])} blocks): build the engine with the same "
                              f"arguments on every rank")
+
+    @classmethod
+    def from_gguf(cls, path=None, group=None, **kwargs) -> TensorParallelEngine:
+        """``lorart.from_gguf(path)``, sharded over ``group`` (every rank calls this)."""
+        import lorart
+
+        from .model import tensor_parallel
+
+        model, tokenizer = lorart.from_gguf(path)
+        tensor_parallel(model, group)
+        return cls(model, tokenizer, **kwargs)
 
     def _import_model_adapters(self, modules, shapes) -> None:
         if any(modules[p].adapter_names for p in shapes):

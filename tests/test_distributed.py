@@ -24,17 +24,18 @@ from test_patch import tiny_llama
 
 import lorart
 import lorart.distributed as tpd
-from lorart.distributed import accounting
+from lorart.distributed import accounting, shard
 from lorart.distributed.collectives import count_bytes
 from lorart.patch import lora_layers
 
 WORLD = 2
 # Three adapters of different ranks on different (overlapping) targets; "c" is loaded after
-# sharding through the slice reader, "a" and "b" before (sharded by tensor_parallel).
+# sharding through the slice reader, "a" and "b" before (sharded by tensor_parallel); "d"
+# (rank 3) by lorart.load_adapter on the sharded model (full file read, then sliced).
 ADAPTERS = (("a", 4, ["q_proj", "v_proj", "down_proj"]),
-            ("b", 6, ["k_proj", "o_proj", "up_proj", "q_proj"]),
+            ("b", 5, ["k_proj", "o_proj", "up_proj", "q_proj"]),  # odd: padded to 6
             ("c", 2, "all-linear"))
-MIXED = ["a", "b", "c", "__base__"]
+MIXED = ["a", "b", "c", "__base__", "d"]
 GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
 
 
@@ -77,16 +78,18 @@ def _dense_pair(d):
         lorart.load_adapter(m, f"{d}/{name}", name)
     tpd.tensor_parallel(m)
     tpd.load_adapter(m, f"{d}/c", "c")
+    lorart.load_adapter(m, f"{d}/d", "d")
+    lorart.load_adapter(ref, f"{d}/d", "d")
     return m, ref
 
 
 def _scenario_dense(d, out):
     m, ref = _dense_pair(d)
-    ids = torch.randint(1, 101, (4, 7), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(1, 101, (5, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out["logits_mixed"] = (m(ids, adapter_names=MIXED).logits,
                                ref(ids, adapter_names=MIXED).logits)
-        per_row = torch.tensor([0, 2, -1, 1, 1, 0, 2] * 4)
+        per_row = torch.tensor([0, 2, -1, 1, 1, 0, 3] * 5)
         with lorart.route(m, adapter_ids=per_row):
             tp_rows = m(ids.reshape(1, -1)).logits
         with lorart.route(ref, adapter_ids=per_row):
@@ -129,9 +132,13 @@ def _scenario_dense(d, out):
         full = modules[path]
         for name in layer.adapter_names:
             a_idx, b_idx = layer.adapter_index(layer.lora_rank[name])
-            for got, want_full, idx in ((layer.lora_A[name], full.lora_A[name], a_idx),
-                                        (layer.lora_B[name], full.lora_B[name], b_idx)):
-                worst = max(worst, _rel(got.grad, want_full.grad[idx]))
+            # the reference's gradients, padded like the sharded adapter (zeros), then sliced
+            want_a, want_b = shard.pad_adapter(
+                full.lora_A[name].grad, full.lora_B[name].grad,
+                shard.padded_rank(layer.kind, layer.lora_rank[name], WORLD))
+            for got, want_full, idx in ((layer.lora_A[name], want_a, a_idx),
+                                        (layer.lora_B[name], want_b, b_idx)):
+                worst = max(worst, _rel(got.grad, want_full[idx]))
                 count += 1
     out["grads"] = (worst, count)
 
@@ -174,14 +181,12 @@ def _scenario_errors(d, out):
     m = tiny_llama()  # intermediate 96: down_proj's 48 columns a rank split a group of 32
     lorart.patch(m, quantize="int4", group_size=32)
     _expect_error(out, "err_group_split", m, lambda: tpd.tensor_parallel(m))
-    m = tiny_llama()
-    lorart.add_adapter(m, "odd", r=3, target_modules=["v_proj"])
-    _expect_error(out, "err_odd_rank", m, lambda: tpd.tensor_parallel(m))
     m, _ = _dense_pair(d)
     _expect_error(out, "err_twice", m, lambda: tpd.tensor_parallel(m))
     # NaN only in rank 1's rows of one B: rank 0 reads clean values, yet both must refuse
     _expect_error(out, "err_bad_slice", m, lambda: tpd.load_adapter(m, f"{d}/c_nan", "c2"))
     _expect_error(out, "err_missing", m, lambda: tpd.load_adapter(m, f"{d}/nope", "c3"))
+    _expect_error(out, "err_shape", m, lambda: tpd.load_adapter(m, f"{d}/wide_q", "c4"))
 
 
 ENGINE_RANKS = {"e3": 3, "e4": 4, "e8": 8}  # 3: the slot mirror pads it to split evenly
@@ -258,7 +263,7 @@ def _write_inputs(d) -> None:
     torch.manual_seed(0)
     dense = tiny_llama()
     torch.save(dense.state_dict(), f"{d}/dense.pt")
-    for name, r, targets in ADAPTERS:
+    for name, r, targets in ADAPTERS + (("d", 3, ["gate_proj", "o_proj"]),):
         m = copy.deepcopy(dense)
         lorart.add_adapter(m, name, r=r, lora_alpha=2 * r, init_lora_weights=False,
                            target_modules=targets)
@@ -321,7 +326,7 @@ def test_greedy_generate_equal(records, key):
 def test_adapter_api_and_marking(records):
     for (got, want), marked in zip(_get(records, "adapter_names"),
                                    _get(records, "tp_group_marked")):
-        assert got == want == ["a", "b", "c"]
+        assert got == want == ["a", "b", "c", "d"]
         assert marked
 
 
@@ -339,7 +344,7 @@ def test_comm_bytes_match_accounting(records):
 @pytest.mark.parametrize("key,match", [
     ("err_kv_heads", "num_key_value_heads=1 is not divisible"),
     ("err_group_split", "would split a quantization group"),
-    ("err_odd_rank", "rank r=3 .* not divisible"),
+    ("err_shape", r"down_proj.lora_A.weight has shape \[4, 128\], expected \[4, 96\]"),
     ("err_twice", "already sharded"),
     ("err_bad_slice", "finite floats|failed to load on rank"),
     ("err_missing", "is not a directory"),

@@ -23,6 +23,7 @@ from torch import nn
 from ..layers import BASE_ADAPTER
 from ..patch import find_targets, freeze_base
 from ..peft_io import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, AdapterConfig, _parse_keys
+from . import shard
 from .layers import ShardedLoRALinear
 from .model import tp_info
 
@@ -103,32 +104,39 @@ def _read_plan(model: nn.Module, path, name: str) -> list:
                     if kind not in keys:
                         raise ValueError(f"{where}: missing {kind} for module {mod_path!r}")
                 r = cfg.rank(mod_path)
-                a, b = _read_slices(f, keys, layer, mod_path, r, where, name)
+                a, b = _read_slices(f, keys, layer, mod_path, r, where)
                 plan.append((layer, r, a, b, cfg.alpha(mod_path), cfg.use_rslora))
     except SafetensorError as exc:
         raise ValueError(f"{weights}: not a readable safetensors file ({exc})") from exc
     return plan
 
 
-def _read_slices(f, keys: dict, layer: ShardedLoRALinear, mod_path: str, r: int, where: str,
-                 name: str):
-    from . import shard
-
-    shard.check_adapter_rank(mod_path, layer.kind, name, r, layer.tp_world)
+def _read_slices(f, keys: dict, layer: ShardedLoRALinear, mod_path: str, r: int,
+                 where: str):
+    """This rank's ``(A_p, B_p)`` read from the file: the rows/columns it owns of the
+    adapter zero-padded to ``shard.padded_rank`` (the padding is not in the file)."""
     out_f, in_f = layer.out_features, layer.in_features
-    index = layer.adapter_index(r)
+    (a_rows, a_cols), (b_rows, _) = layer.adapter_index(r)
     tensors = []
-    for kind, shape, idx in (("lora_A", (r, in_f), index[0]), ("lora_B", (out_f, r), index[1])):
+    for kind, shape in (("lora_A", (r, in_f)), ("lora_B", (out_f, r))):
         part = f.get_slice(keys[kind])
         if tuple(part.get_shape()) != shape:
             raise ValueError(f"{where}: {mod_path}.{kind}.weight has shape "
                              f"{list(part.get_shape())}, expected {list(shape)} (r={r}, layer "
                              f"[{out_f}, {in_f}])")
-        t = part[idx]
+        if kind == "lora_A":  # rows past r are padding: zeros
+            stop = min(a_rows.stop, r)
+            t = part[a_rows.start:stop, a_cols] if stop > a_rows.start else \
+                torch.zeros(0, a_cols.stop - a_cols.start)
+            t = torch.cat([t, t.new_zeros(a_rows.stop - a_rows.start - t.shape[0], t.shape[1])])
+        else:
+            t = part[b_rows, 0:r]
         if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
             raise ValueError(f"{where}: {mod_path}.{kind}.weight must be finite floats")
         tensors.append(t)
-    return tensors
+    a, b = tensors
+    return a, torch.cat([b, b.new_zeros(b.shape[0], shard.padded_rank(layer.kind, r,
+                                                                       layer.tp_world) - r)], 1)
 
 
 def _check_targets(model, cfg: AdapterConfig, by_module: dict, where: str) -> None:

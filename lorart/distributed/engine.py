@@ -21,9 +21,8 @@ only rank 0 samples. The scheduler, adapter pool, KV block allocator and request
 on rank 0 alone; the followers' copies are never used.
 
 Adapters are served through the engine's pool (``add_adapter``, ``--adapter``,
-``--adapter-dir``): the slot mirror pads an adapter whose rank does not split evenly with
-zero rows (same output), so any rank works. Adapters loaded into the sharded model itself
-are not imported (they hold only this rank's slice).
+``--adapter-dir``), any rank (``shard.padded_rank``). Adapters loaded into the sharded
+model itself are not imported (they hold only this rank's slice).
 """
 
 from __future__ import annotations
@@ -157,16 +156,8 @@ class TensorParallelRunner(ModelRunner):
 
 
 def _slice(layer: ShardedLoRALinear, a: torch.Tensor, b: torch.Tensor, scale: float):
-    """This rank's ``(A_p, B_p, scale, r)`` of a full adapter (rank zero-padded to a
-    multiple of the group size when the column split needs it; the padding adds 0)."""
-    r = a.shape[0]
-    if layer.kind == shard.COLUMN and r % layer.tp_world:
-        pad = layer.tp_world - r % layer.tp_world
-        a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
-        b = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1)
-        r += pad
-    a_idx, b_idx = layer.adapter_index(r)
-    return a[a_idx].contiguous(), b[b_idx].contiguous(), scale, r
+    """This rank's ``(A_p, B_p, scale, r)`` of a full adapter."""
+    return *layer.shard_adapter(a, b), scale, a.shape[0]
 
 
 def _empty(layer: ShardedLoRALinear, dtype):

@@ -57,8 +57,8 @@ class ShardedLoRALinear(LoRALinear):
     """This rank's part of a column- or row-parallel ``LoRALinear`` (see module doc).
 
     ``in_features``/``out_features`` are the full layer's; ``local_in``/``local_out`` this
-    rank's. ``lora_A[name]``/``lora_B[name]`` are this rank's slices; ``lora_rank[name]``
-    is the full rank ``r``.
+    rank's. ``lora_A[name]``/``lora_B[name]`` are this rank's slices (of the adapter
+    zero-padded to ``shard.padded_rank``); ``lora_rank[name]`` is its real rank ``r``.
     """
 
     def __init__(self, kind: str, in_features: int, out_features: int, base, bias, registry,
@@ -83,18 +83,28 @@ class ShardedLoRALinear(LoRALinear):
                   group, world, rank)
         for name in layer.adapter_names:
             a, b = layer.lora_A[name], layer.lora_B[name]
-            a_idx, b_idx = new.adapter_index(a.shape[0])
             new.add_adapter_shard(name, a.shape[0], layer.lora_alpha[name],
-                                  layer.use_rslora[name], a.detach()[a_idx], b.detach()[b_idx],
+                                  layer.use_rslora[name], *new.shard_adapter(a, b),
                                   requires_grad=a.requires_grad)
         new.active_adapter, new.disabled = layer.active_adapter, layer.disabled
         return new
 
     # ------------------------------------------------------------------ adapters
     def adapter_index(self, r: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
-        """This rank's ``(A index, B index)`` of a full-size rank-``r`` adapter."""
-        return shard.adapter_slices(self.kind, r, self.out_features, self.in_features,
-                                    self.tp_world, self.tp_rank)
+        """This rank's ``(A index, B index)`` of a rank-``r`` adapter padded to
+        ``shard.padded_rank`` (so r need not divide by the group size)."""
+        return shard.adapter_slices(self.kind, shard.padded_rank(self.kind, r, self.tp_world),
+                                    self.out_features, self.in_features, self.tp_world,
+                                    self.tp_rank)
+
+    def shard_adapter(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor,
+                                                                       torch.Tensor]:
+        """This rank's ``(A_p, B_p)`` of a full ``A [r, K]``, ``B [N, r]`` (padded first)."""
+        r = a.shape[0]
+        a, b = shard.pad_adapter(a.detach(), b.detach(),
+                                 shard.padded_rank(self.kind, r, self.tp_world))
+        a_idx, b_idx = self.adapter_index(r)
+        return a[a_idx].contiguous(), b[b_idx].contiguous()
 
     def scaling(self, name: str) -> float:
         r = self.lora_rank[name]
@@ -109,14 +119,12 @@ class ShardedLoRALinear(LoRALinear):
         slices the same adapter."""
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
-        shard.check_adapter_rank("this layer", self.kind, name, r, self.tp_world)
         full = _full_adapter(self.in_features, self.out_features, name, r, lora_alpha,
                              init_lora_weights, lora_a, lora_b,
                              dtype or self._adapter_dtype(), self._device())
         if lora_a is None or lora_b is None:
             self._broadcast(full)
-        a_idx, b_idx = self.adapter_index(r)
-        self.add_adapter_shard(name, r, lora_alpha, use_rslora, full[0][a_idx], full[1][b_idx])
+        self.add_adapter_shard(name, r, lora_alpha, use_rslora, *self.shard_adapter(*full))
 
     def add_adapter_shard(self, name: str, r: int, lora_alpha: float | None,
                           use_rslora: bool, a: torch.Tensor, b: torch.Tensor,
@@ -127,14 +135,16 @@ class ShardedLoRALinear(LoRALinear):
                              f"{BASE_ADAPTER!r}; got {name!r}")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists in this layer")
-        shard.check_adapter_rank("this layer", self.kind, name, r, self.tp_world)
         a_idx, b_idx = self.adapter_index(r)
         check_shape(a, "lora_a (this rank's slice)", "r, in_features",
                     tuple(s.stop - s.start for s in a_idx))
         check_shape(b, "lora_b (this rank's slice)", "out_features, r",
                     tuple(s.stop - s.start for s in b_idx))
-        self.lora_A[name] = nn.Parameter(a.detach().clone(), requires_grad=requires_grad)
-        self.lora_B[name] = nn.Parameter(b.detach().clone(), requires_grad=requires_grad)
+        dtype, device = self._adapter_dtype(), self._device()  # as LoRALinear.add_adapter
+        self.lora_A[name] = nn.Parameter(a.detach().to(device, dtype, copy=True),
+                                         requires_grad=requires_grad)
+        self.lora_B[name] = nn.Parameter(b.detach().to(device, dtype, copy=True),
+                                         requires_grad=requires_grad)
         self.lora_alpha[name] = float(r if lora_alpha is None else lora_alpha)
         self.use_rslora[name] = bool(use_rslora)
         self.lora_rank[name] = r

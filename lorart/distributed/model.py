@@ -13,8 +13,8 @@ logits with no extra collective; this costs ``V·H`` weights per rank (SmolLM2: 
 values; Llama-2-7B: 131 M of 6.7 B). Sharding them by vocabulary is not done.
 
 Every check runs before anything changes: heads and KV heads divisible by the group size,
-every projection's split divisible, no quantization group split, every adapter's rank in a
-column-parallel layer divisible, nothing merged, not sharded twice.
+every projection's split divisible, no quantization group split, nothing merged, not
+sharded twice. (Adapter ranks need not divide: ``shard.padded_rank``.)
 """
 
 from __future__ import annotations
@@ -88,7 +88,19 @@ def tensor_parallel(model: nn.Module, group=None) -> nn.Module:
         setattr(parent, attr, ShardedLoRALinear.from_layer(module, kind, group, world, rank))
     model.__dict__[_ATTR] = TensorParallelInfo(group, world, rank, heads // world,
                                                kv_heads // world)
+    _drop_fast_generate(model)
     return model
+
+
+def _drop_fast_generate(model: nn.Module) -> None:
+    """``from_gguf`` routes batch-1 greedy ``generate`` through ``lorart.runtime``'s lean
+    decoder, which reads whole weights and runs no collectives: put back the ``generate`` it
+    wraps (transformers' loop, through the sharded layers)."""
+    from ..runtime import FastGenerate
+
+    current = model.__dict__.get("generate")
+    if isinstance(current, FastGenerate):
+        model.__dict__["generate"] = current.fallback
 
 
 def _check_model(model: nn.Module, world: int) -> tuple[int, int]:
@@ -123,8 +135,6 @@ def _check_projection(path: str, kind: str, module: nn.Module, world: int) -> No
                              f"unmerge them first")
         shard.check_layer(path, kind, module.out_features, module.in_features, module.base,
                           world)
-        for name in module.adapter_names:
-            shard.check_adapter_rank(path, kind, name, module.lora_A[name].shape[0], world)
     elif isinstance(module, nn.Linear) and is_linear_like(module):
         shard.check_layer(path, kind, module.out_features, module.in_features, module.weight,
                           world)

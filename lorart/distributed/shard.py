@@ -13,6 +13,9 @@ Adapters (PEFT shapes ``A [r, K]``, ``B [N, r]``), S-LoRA's fully sharded layout
 A quantized weight splits the same way on its packed tensors: a column split takes whole
 rows (codes, scales, offsets), a row split takes whole groups along K, so it needs
 ``K/P`` to be a multiple of ``group_size`` (else :func:`check_layer` raises).
+A column split needs ``r`` divisible by ``P``; any other rank is zero-padded first
+(:func:`padded_rank`, :func:`pad_adapter`): the extra rows of A and columns of B add
+nothing to the output, and their gradients are zero, so training leaves them zero.
 Every function here takes ``(start, stop)`` bounds from :func:`bounds`, so the same slices
 serve tensors in memory and ``safe_open(...).get_slice`` reads from an adapter file.
 """
@@ -55,12 +58,19 @@ def check_layer(path: str, kind: str, out_features: int, in_features: int,
                              f"quantization group")
 
 
-def check_adapter_rank(path: str, kind: str, name: str, r: int, world: int) -> None:
-    """A column-parallel layer splits A by rank: ``r`` must divide evenly."""
-    if kind == COLUMN and r % world:
-        raise ValueError(f"tensor_parallel: adapter {name!r} has rank r={r} in {path} "
-                         f"(column-parallel, A split by rank), not divisible by the group's "
-                         f"{world} ranks")
+def padded_rank(kind: str, r: int, world: int) -> int:
+    """The rank an adapter is stored at: ``r`` rounded up to a multiple of ``world`` on a
+    column-parallel layer (A split by rank), ``r`` on a row-parallel one."""
+    return -(-r // world) * world if kind == COLUMN else r
+
+
+def pad_adapter(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A [r, K]``, ``B [N, r]`` zero-padded to ``A [rank, K]``, ``B [N, rank]``."""
+    extra = rank - a.shape[0]
+    if extra == 0:
+        return a, b
+    return (torch.cat([a, a.new_zeros(extra, a.shape[1])]),
+            torch.cat([b, b.new_zeros(b.shape[0], extra)], 1))
 
 
 def shard_base(base, kind: str, world: int, rank: int):
@@ -96,7 +106,8 @@ def shard_bias(bias: torch.Tensor | None, kind: str, world: int, rank: int):
 
 def adapter_slices(kind: str, r: int, out_features: int, in_features: int, world: int,
                    rank: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
-    """``(A index, B index)``: this rank's part of ``A [r, K]`` and ``B [N, r]``."""
+    """``(A index, B index)``: this rank's part of ``A [r, K]`` and ``B [N, r]`` (``r``:
+    the padded rank, :func:`padded_rank`)."""
     b_lo, b_hi = bounds(out_features, world, rank)
     b_index = (slice(b_lo, b_hi), slice(0, r))
     if kind == COLUMN:

@@ -25,7 +25,7 @@ from test_patch import tiny_llama
 import lorart
 import lorart.distributed as tpd
 from lorart.distributed import accounting, shard
-from lorart.distributed.collectives import count_bytes
+from lorart.distributed.collectives import bytes_sent, count_bytes
 from lorart.patch import lora_layers
 
 WORLD = 2
@@ -117,6 +117,18 @@ def _scenario_dense(d, out):
     want = accounting.comm_per_token(shapes, 2, WORLD, "fully_sharded", dtype_bytes=4)
     out["comm"] = (sum(s for *_, s in log),
                    want.total_bytes * tokens * cfg.num_hidden_layers)
+    # a mixed batch: each row sends as many values as its layer's widest adapter
+    with torch.no_grad(), count_bytes() as log:
+        m(ids, adapter_names=MIXED)
+    predicted = 0.0
+    for layer in m.modules():
+        if isinstance(layer, tpd.ShardedLoRALinear):
+            r = max(shard.padded_rank(layer.kind, layer.lora_rank[n], WORLD)
+                    for n in layer.adapter_names)
+            for op, nbytes, _ in accounting.collective_sizes(layer.kind, layer.out_features, r,
+                                                             WORLD, "fully_sharded", 4):
+                predicted += bytes_sent(op, nbytes, WORLD) * tokens
+    out["comm_mixed"] = (sum(s for *_, s in log), predicted)
 
     # one training step: A/B gradients of this rank's slices vs the full gradients' slices
     ids = torch.randint(1, 101, (3, 6), generator=torch.Generator().manual_seed(2))
@@ -336,8 +348,9 @@ def test_training_step_gradients_equal(records):
         assert worst < 1e-5
 
 
-def test_comm_bytes_match_accounting(records):
-    for sent, predicted in _get(records, "comm"):
+@pytest.mark.parametrize("key", ["comm", "comm_mixed"])
+def test_comm_bytes_match_accounting(records, key):
+    for sent, predicted in _get(records, key):
         assert sent == pytest.approx(predicted)
 
 

@@ -6,9 +6,9 @@ A ``LoRALinear`` whose base weight and adapters hold only this rank's slice
 (``lorart.set_adapter``, ``adapter_names=``, ``lorart.route``, ``lorart.load_adapter``,
 ``generate``) sees the same layer as on one process. ``tp_group`` marks it sharded.
 
-What one forward communicates, per row of x (``P`` ranks, ``r`` the row's adapter rank;
-a mixed batch sends the columns of every adapter the layer holds, zero outside each row's
-own adapter, so ``r`` is then the layer's summed rank):
+What one forward communicates, per row of x (``P`` ranks, ``r`` the row's adapter rank; in
+a mixed batch every row sends as many values as the layer's widest adapter, its own packed
+first — ``_RowColumns`` — as vLLM pads to ``max_lora_rank``):
 
 column-parallel (q, k, v, gate, up), ``x`` replicated, output split by rows of W::
 
@@ -223,13 +223,17 @@ class ShardedLoRALinear(LoRALinear):
             x = copy_to_group(x, group, world)
             y = lora_linear(x, base, None, None, bias=bias)
             if adapters:
-                u = _shrink(x, adapters, ids)                               # [M, C]
-                u = gather_last_dim(u, group, world, self.tp_rank)          # [M, P·C]
+                rows = _RowColumns(adapters, ids, x.device)
+                u = rows.pack(_shrink(x, adapters, ids))                    # [M, w]
+                u = gather_last_dim(u, group, world, self.tp_rank)          # [M, P·w]
+                u = rows.unpack(u, world)                                   # [M, P·C]
                 y = y + (u @ _column_b(adapters, world).to(u.dtype).T).view_as(y)
             return y
         y = lora_linear(x, base, None, None)                                # partial [.., N]
         if adapters:
-            v = all_reduce_sum(_shrink(x, adapters, ids), group, world)     # [M, R]
+            rows = _RowColumns(adapters, ids, x.device)
+            v = all_reduce_sum(rows.pack(_shrink(x, adapters, ids)), group, world)
+            v = rows.unpack(v, 1)                                           # [M, R]
             b = torch.cat([b for _, b, _, _ in adapters], 1).to(v.dtype)    # [N/P, R]
             lo, hi = shard.bounds(self.out_features, world, self.tp_rank)
             z = F.pad(v @ b.T, (lo, self.out_features - hi))                # [M, N], 0 off p
@@ -259,6 +263,49 @@ def _shrink(x: torch.Tensor, adapters: list, ids: torch.Tensor | None) -> torch.
         own = ids.to(x.device, torch.int64)[:, None] == col_adapter[None, :]   # [M, C]
         weight = own.to(u.dtype) * scales[col_adapter]
     return u * weight
+
+
+class _RowColumns:
+    """Each row's own adapter columns, packed for the collective and put back after.
+
+    ``_shrink`` gives ``[M, C]`` with a column for every adapter of the layer, zero outside
+    a row's own adapter. Sending that would cost C values a row; ``pack`` keeps only row i's
+    own ``w_{a(i)}`` columns, left-aligned in ``[M, w]`` (``w``: the widest adapter; base rows
+    are all zero), so a collective carries ``w`` values a row — the rank, not the sum of
+    ranks. ``unpack`` scatters ``copies`` such blocks (one per rank, after an all-gather)
+    back to ``[M, copies·C]``. With one adapter (or all rows on one) nothing moves.
+    """
+
+    def __init__(self, adapters: list, ids: torch.Tensor | None, device) -> None:
+        widths = [a.shape[0] for a, *_ in adapters]
+        self.total = sum(widths)
+        self.index = None
+        if ids is None or len(adapters) == 1:
+            return
+        w = torch.tensor(widths, device=device)
+        offsets = torch.cumsum(w, 0) - w
+        own = ids.to(device, torch.int64)
+        base = own < 0
+        own = own.clamp(min=0)
+        row_width = torch.where(base, 0, w[own])                            # [M]
+        j = torch.arange(max(widths), device=device)                        # [w]
+        self.valid = j[None, :] < row_width[:, None]                        # [M, w]
+        self.index = torch.where(self.valid, offsets[own][:, None] + j[None, :], self.total)
+
+    def pack(self, u: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return u
+        padded = torch.cat([u, u.new_zeros(u.shape[0], 1)], 1)              # column C: zero
+        return padded.gather(1, self.index)
+
+    def unpack(self, packed: torch.Tensor, copies: int) -> torch.Tensor:
+        if self.index is None:
+            return packed
+        m, dump = packed.shape[0], copies * self.total
+        index = torch.cat([torch.where(self.valid, self.index + q * self.total, dump)
+                           for q in range(copies)], 1)                      # [M, copies·w]
+        out = packed.new_zeros(m, dump + 1).scatter(1, index, packed)
+        return out[:, :dump]
 
 
 def _column_b(adapters: list, world: int) -> torch.Tensor:

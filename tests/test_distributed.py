@@ -155,6 +155,22 @@ def _scenario_dense(d, out):
     out["grads"] = (worst, count)
 
 
+def _scenario_add_adapter(d, out):
+    """lorart.add_adapter on a sharded model draws on group rank 0 and every rank slices that
+    draw: rank 1's own generator is seeded differently, yet the result equals one process
+    seeded like rank 0."""
+    m, ref = _dense_pair(d)
+    kw = dict(r=3, init_lora_weights=False, target_modules=["q_proj", "down_proj"])
+    torch.manual_seed(7 + dist.get_rank())
+    lorart.add_adapter(m, "fresh", **kw)
+    torch.manual_seed(7)
+    lorart.add_adapter(ref, "fresh", **kw)
+    ids = torch.randint(1, 101, (2, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out["logits_add_adapter"] = (m(ids, adapter_names=["fresh", "a"]).logits,
+                                     ref(ids, adapter_names=["fresh", "a"]).logits)
+
+
 def _scenario_quantized(d, out):
     for scheme, group in (("int4", 32), ("int8", 16)):
         m = _variant(intermediate_size=128)
@@ -252,8 +268,8 @@ def _worker(rank, port, d):
                             world_size=WORLD, timeout=datetime.timedelta(seconds=90))
     out = {}
     try:
-        for scenario in (_scenario_dense, _scenario_quantized, _scenario_errors,
-                         _scenario_engine):
+        for scenario in (_scenario_dense, _scenario_add_adapter, _scenario_quantized,
+                         _scenario_errors, _scenario_engine):
             try:
                 scenario(d, out)
             except Exception:  # recorded, so the other scenarios still report
@@ -321,7 +337,7 @@ def _get(records, key):
 
 
 @pytest.mark.parametrize("key", ["logits_mixed", "logits_route", "logits_set_b",
-                                 "quantized_int4", "quantized_int8"])
+                                 "logits_add_adapter", "quantized_int4", "quantized_int8"])
 def test_sharded_logits_equal_one_process(records, key):
     for got, want in _get(records, key):
         assert got.shape == want.shape

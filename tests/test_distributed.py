@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,6 +170,17 @@ def _scenario_add_adapter(d, out):
     with torch.no_grad():
         out["logits_add_adapter"] = (m(ids, adapter_names=["fresh", "a"]).logits,
                                      ref(ids, adapter_names=["fresh", "a"]).logits)
+    # save_adapter gathers the slices: the same PEFT directory as from one process
+    for name in ("fresh", "b"):  # b: rank 5, stored padded to 6 on column layers
+        tpd.save_adapter(m, f"{d}/saved_tp_{name}", name)
+        if dist.get_rank() == 0:
+            lorart.save_adapter(ref, f"{d}/saved_1p_{name}", name)
+            got, want = (load_file(f"{d}/saved_{w}_{name}/adapter_model.safetensors")
+                         for w in ("tp", "1p"))
+            configs = [(Path(d) / f"saved_{w}_{name}" / "adapter_config.json").read_text()
+                       for w in ("tp", "1p")]
+            out[f"saved_{name}"] = (got.keys() == want.keys() and all(
+                torch.equal(got[k], want[k]) for k in got), configs[0] == configs[1])
 
 
 def _scenario_quantized(d, out):
@@ -329,10 +341,10 @@ def records(tmp_path_factory):
 
 
 def _get(records, key):
+    crashes = [v for rec in records for k, v in rec.items() if k.startswith("crash_")]
     for rank, rec in enumerate(records):
-        crashes = [v for k, v in rec.items() if k.startswith("crash_")]
         if key not in rec:
-            pytest.fail(f"rank {rank} recorded no {key!r}; crashes: {crashes}")
+            pytest.fail(f"rank {rank} recorded no {key!r}; crashes on any rank: {crashes}")
     return [rec[key] for rec in records]
 
 
@@ -393,3 +405,9 @@ def test_engine_across_ranks_equals_one_process(records):
     assert all(len(t) == 5 for t in got)
     assert evictions > 0  # slots were rewritten while serving: the mirror followed
     assert rank1["engine_follower_steps"] > 0
+
+
+@pytest.mark.parametrize("name", ["fresh", "b"])
+def test_save_adapter_gathers_the_same_directory_as_one_process(records, name):
+    tensors_equal, configs_equal = records[0][f"saved_{name}"]
+    assert tensors_equal and configs_equal

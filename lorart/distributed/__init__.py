@@ -13,15 +13,15 @@ Files, one purpose each:
     collectives.py  the autograd collectives (Megatron's f/g, LoRA all-gather/all-reduce)
     layers.py       ShardedLoRALinear: one rank's layer; what a forward communicates, and why
     model.py        tensor_parallel(model, group): checks everything, then shards
-    adapter_io.py   load_adapter reading safetensors slices
+    adapter_io.py   load_adapter reading safetensors slices; save_adapter gathering them
     accounting.py   bytes communicated per layer per token (fully sharded vs replicated A)
     engine.py       the serving engine across ranks (rank 0 schedules, steps broadcast)
 """
 
 from .accounting import comm_per_token
-from .adapter_io import load_adapter
+from .adapter_io import load_adapter, save_adapter
 from .layers import ShardedLoRALinear
 from .model import TensorParallelInfo, tensor_parallel, tp_info
 
 __all__ = ["ShardedLoRALinear", "TensorParallelInfo", "comm_per_token", "load_adapter",
-           "tensor_parallel", "tp_info"]
+           "save_adapter", "tensor_parallel", "tp_info"]

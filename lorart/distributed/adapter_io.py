@@ -151,3 +151,67 @@ def _check_targets(model, cfg: AdapterConfig, by_module: dict, where: str) -> No
         raise ValueError(f"{where}: weights for {extra[:3]} not selected by target_modules, "
                          f"or none for {missing[:3]} selected by target_modules="
                          f"{cfg.target_modules!r}")
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
+                 base_model_name_or_path: str | None = None) -> None:
+    """Write adapter ``name`` of a ``tensor_parallel`` model as ONE full PEFT directory,
+    exactly as ``lorart.save_adapter`` writes it for the unsharded model. Call it on every
+    rank (the slices are gathered); group rank 0 writes the files.
+
+    Rank 0 builds a stand-in module tree with the model's paths: each sharded layer
+    becomes a full-size ``LoRALinear`` over a stride-0 base (no memory) holding the
+    gathered adapter, every other linear layer is the model's own, and
+    ``lorart.save_adapter`` writes it (same config rules, same keys). The model is not
+    touched.
+    """
+    from ..layers import LoRALinear, is_linear_like
+    from ..peft_io import save_adapter as save_full
+
+    info = tp_info(model)
+    if info is None:
+        raise ValueError("model is not tensor-parallel; use lorart.save_adapter")
+    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, ShardedLoRALinear)]
+    if not any(name in m.lora_A for _, m in layers):
+        raise ValueError(f"model has no adapter named {name!r}")
+    gathered = {p: _gather_adapter(m, name, info) for p, m in layers if name in m.lora_A}
+    if info.rank != 0:
+        return
+    stand_in = type(type(model).__name__, (nn.Module,), {})()  # its class name: task_type
+    stand_in.config = getattr(model, "config", None)
+    for mod_path, module in model.named_modules():
+        if isinstance(module, ShardedLoRALinear):
+            full = LoRALinear(module.in_features, module.out_features,
+                              torch.zeros(()).expand(module.out_features, module.in_features))
+            if mod_path in gathered:
+                a, b = gathered[mod_path]
+                full.add_adapter(name, a.shape[0], module.lora_alpha[name],
+                                 module.use_rslora[name], lora_a=a, lora_b=b)
+            module = full
+        elif not (is_linear_like(module) or isinstance(module, LoRALinear)):
+            continue
+        _set_path(stand_in, mod_path, module)
+    save_full(stand_in, path, name, base_model_name_or_path)
+
+
+def _gather_adapter(layer: ShardedLoRALinear, name: str, info) -> tuple[torch.Tensor,
+                                                                         torch.Tensor]:
+    """The full ``(A [r, K], B [N, r])`` of ``layer``'s adapter from every rank's slice."""
+    mine = (layer.lora_A[name].detach().cpu(), layer.lora_B[name].detach().cpu())
+    parts = [mine] * info.world
+    if info.world > 1:
+        dist.all_gather_object(parts, mine, group=info.group)
+    a = torch.cat([p[0] for p in parts], 0 if layer.kind == shard.COLUMN else 1)
+    b = torch.cat([p[1] for p in parts], 0)
+    r = layer.lora_rank[name]
+    return a[:r], b[:, :r]  # drop the zero padding (shard.padded_rank)
+
+
+def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    *parents, last = path.split(".")
+    node = root
+    for part in parents:
+        if not hasattr(node, part):
+            node.add_module(part, nn.Module())
+        node = getattr(node, part)
+    node.add_module(last, module)

@@ -169,6 +169,10 @@ class ShardedLoRALinear(LoRALinear):
             for t in tensors:
                 dist.broadcast(t, src=src, group=self.tp_group)
 
+    def adapter_stack(self, dtype, device):
+        raise NotImplementedError("a tensor-parallel layer packs its adapter slices per "
+                                  "forward (forward_adapters); it has no AdapterStack")
+
     def merge(self, *args, **kwargs) -> None:
         raise NotImplementedError("merging an adapter into a tensor-parallel layer is not "
                                   "supported; merge before lorart.distributed.tensor_parallel")

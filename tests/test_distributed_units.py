@@ -27,6 +27,9 @@ def test_accounting_llama2_7b_by_hand():
     values = sum(16 * k + n * 16 for n, k in shapes.values())
     assert full.adapter_bytes_per_rank == values // 2 * 2
     assert rep.adapter_bytes_per_rank > full.adapter_bytes_per_rank
+    # rank 5 on 2 ranks: column layers send the padded 6/2 = 3 values
+    assert accounting.collective_sizes(shard.COLUMN, 4096, 5, 2, "fully_sharded", 2) == \
+        [("all_gather", 6, True)]
     with pytest.raises(ValueError, match="layout must be one of"):
         accounting.comm_per_token(shapes, 16, 2, "ring")
 

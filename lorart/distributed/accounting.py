@@ -3,7 +3,9 @@
 The collectives are the ones ``ShardedLoRALinear.forward`` runs (``collective_sizes``
 mirrors it, and ``tests/test_distributed.py`` checks the prediction against the bytes the
 collectives actually recorded on 2 processes), priced by ``collectives.bytes_sent`` (ring
-algorithms, bytes one rank sends). Two layouts, for one adapter of rank ``r`` per token:
+algorithms, bytes one rank sends). Two layouts, for one adapter of rank ``r`` per token (in
+a mixed batch ``r`` is the layer's widest adapter; an ``r`` that does not divide by ``P`` is
+zero-padded on column layers, ``shard.padded_rank``):
 
 ``fully_sharded`` (S-LoRA, what lorart runs)
     column layers: A split by rank, all-gather of ``x·A_pᵀ`` (r/P values a rank);
@@ -25,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .collectives import bytes_sent
-from .shard import COLUMN, LLAMA_SPLITS
+from .shard import COLUMN, LLAMA_SPLITS, padded_rank
 
 LAYOUTS = ("fully_sharded", "replicated_a")
 
@@ -38,7 +40,8 @@ def collective_sizes(kind: str, out_features: int, r: int, world: int, layout: s
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     lora = bool(r) and layout == "fully_sharded"
     if kind == COLUMN:
-        return [("all_gather", r // world * dtype_bytes, True)] if lora else []
+        piece = padded_rank(COLUMN, r, world) // world
+        return [("all_gather", piece * dtype_bytes, True)] if lora else []
     out = [("all_reduce", r * dtype_bytes, True)] if lora else []
     return out + [("all_reduce", out_features * dtype_bytes, False)]  # the base's (+ LoRA z)
 

@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "/health (default: $LORART_API_KEY, else no auth)")
     parser.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="on SIGTERM, how long in-flight requests may finish (default: 10)")
+    parser.add_argument("--tensor-parallel", action="store_true",
+                        help="shard the model over the processes torchrun started (gloo, CPU): "
+                             "rank 0 serves HTTP, the others run their shard of every step; "
+                             "launch as `torchrun --nproc-per-node N -m lorart serve "
+                             "--tensor-parallel ...` (N must divide the heads and KV heads)")
     parser.add_argument("--log-level", default="warning",
                         choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's log level")
@@ -75,6 +80,9 @@ def _check_arguments(args: argparse.Namespace) -> list[tuple[str, Path]]:
         raise _ArgumentError(f"--port must be in 0..65535, got {args.port}")
     if args.shutdown_timeout < 0:
         raise _ArgumentError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.tensor_parallel and "RANK" not in os.environ:
+        raise _ArgumentError("--tensor-parallel: start it with torchrun (torchrun "
+                             "--nproc-per-node N -m lorart serve --tensor-parallel ...)")
     if args.api_key is not None and not args.api_key.strip():
         raise _ArgumentError("--api-key must not be empty")
     for directory in args.adapter_dir:
@@ -106,6 +114,17 @@ def run(args: argparse.Namespace) -> int:
     from ..serve import Engine, errors
     from ..serve.server import ServerConfig, bind_socket, run_server
 
+    engine_cls, engine_kwargs = Engine, dict(
+        max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+        max_num_seqs=args.max_num_seqs, max_queue=args.max_queue)
+    if args.tensor_parallel:  # ranks > 0: no socket, no HTTP; they run rank 0's steps
+        from ..distributed.engine import TensorParallelEngine, init_from_env
+
+        engine_cls = TensorParallelEngine
+        if init_from_env() != 0:
+            engine_cls.from_gguf(args.model, **engine_kwargs).follow()
+            return 0
+
     try:  # before the model loads: a taken port should not cost a model load
         sock = bind_socket(args.host, args.port)
     except OSError as exc:
@@ -118,9 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"lorart serve: loading {args.model or 'SmolLM2-135M-Instruct (4-bit, embedded)'} "
           f"...", flush=True)
-    engine = Engine.from_gguf(args.model, max_loras=args.max_loras,
-                              max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
-                              max_queue=args.max_queue)
+    engine = engine_cls.from_gguf(args.model, **engine_kwargs)
     try:
         for name, path in adapters:
             if name == engine.base_model_id:

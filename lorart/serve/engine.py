@@ -53,6 +53,11 @@ class Engine:
     ``run_until_idle()`` to drive the engine without its thread (tests).
     """
 
+    # What runs a step's forward and holds the resident adapters: a subclass may swap them
+    # (``lorart.distributed.engine``: the same engine over a tensor-parallel model).
+    runner_class = ModelRunner
+    slots_class = ResidentSlots
+
     def __init__(self, model, tokenizer=None, *, max_loras: int = 8, max_cpu_loras: int = 64,
                  max_num_seqs: int = 32, max_batch_tokens: int = 512, max_queue: int = 256,
                  memory_budget_bytes: int | None = None,
@@ -77,11 +82,11 @@ class Engine:
                   for p in paths if isinstance(modules.get(p), LoRALinear)}
         self.memory_plan = self._plan_memory(model, shapes, max_loras, max_lora_rank, dtype,
                                              block_size, memory_budget_bytes, kv_cache_tokens)
-        n_layers, n_kv, head_dim = ModelRunner.kv_shape(model)
+        n_layers, n_kv, head_dim = self.runner_class.kv_shape(model)
         self.kv = PagedKVCache(n_layers, n_kv, head_dim, self.memory_plan["kv_blocks"],
                                block_size, dtype, device)
-        self.slots = ResidentSlots(shapes, max_loras, max_lora_rank, dtype, device)
-        self.runner = ModelRunner(model, self.kv, self.slots)
+        self.slots = self.slots_class(shapes, max_loras, max_lora_rank, dtype, device)
+        self.runner = self.runner_class(model, self.kv, self.slots)
         self.pool = AdapterPool(model, shapes, self.slots, max_cpu_loras,
                                 self.memory_plan["host_cap_bytes"], on_loaded=self._wake)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_batch_tokens, max_loras,
@@ -119,12 +124,12 @@ class Engine:
         return cls(model, tokenizer, **kwargs)
 
     # ---------------------------------------------------------------- setup helpers
-    @staticmethod
-    def _plan_memory(model, shapes, max_loras, max_lora_rank, dtype, block_size, budget,
+    @classmethod
+    def _plan_memory(cls, model, shapes, max_loras, max_lora_rank, dtype, block_size, budget,
                      kv_cache_tokens) -> dict:
-        n_layers, n_kv, head_dim = ModelRunner.kv_shape(model)
+        n_layers, n_kv, head_dim = cls.runner_class.kv_shape(model)
         per_block = PagedKVCache.bytes_per_block(n_layers, n_kv, head_dim, block_size, dtype)
-        resident = ResidentSlots.bytes_needed(shapes, max_loras, max_lora_rank, dtype)
+        resident = cls.slots_class.bytes_needed(shapes, max_loras, max_lora_rank, dtype)
         if budget is None:
             host = 256 * _MIB
             blocks = -(-(kv_cache_tokens or 8192) // block_size)

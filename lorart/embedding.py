@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from .ops import lora_linear
+from .packed import KeepsPackedLayout
 from .quant import QuantizedWeight
 
 
-class _PackedMatrix(nn.Module):
+class _PackedMatrix(KeepsPackedLayout):
     """What the modules below share: a ``QuantizedWeight`` held as the buffers ``qweight``,
     ``scales`` and ``offsets`` (as in ``LoRALinear``), rebuilt by :attr:`base` so it follows
-    ``.to()``, and float casts that leave the packed layout alone."""
+    ``.to()``, and float casts that leave the packed layout alone (``KeepsPackedLayout``)."""
 
     def _hold(self, base: QuantizedWeight) -> None:
         if not isinstance(base, QuantizedWeight):
@@ -39,17 +40,6 @@ class _PackedMatrix(nn.Module):
         """The packed matrix (rebuilt from the buffers, so it follows ``.to()``)."""
         return QuantizedWeight(self.qweight, self.scales, self.offsets, self.group_size,
                                self.scheme)
-
-    def _apply(self, fn, recurse: bool = True):
-        """``.to()``/``.cuda()``/``.bfloat16()``: the packed scales and offsets move but keep
-        their dtype (casting fp16 scales to bf16 would round them and break the layout)."""
-        packed = {n: self._buffers.pop(n) for n in ("scales", "offsets")}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, t in packed.items():
-                self._buffers[name] = None if t is None else t.to(self.qweight.device)
-        return self
 
 
 class QuantizedEmbedding(_PackedMatrix):

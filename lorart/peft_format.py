@@ -120,10 +120,9 @@ def _pattern_key(pattern: dict, path: str) -> str | None:
     return None
 
 
-def read_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config dict, {PEFT key: tensor})`` of an adapter directory; pickles refused."""
-    from safetensors import SafetensorError, safe_open
-
+def config_and_weights(path: str | os.PathLike) -> tuple[dict, Path]:
+    """``(config dict, path of adapter_model.safetensors)`` of an adapter directory, the
+    files checked present and the config parsed; a pickle file is refused."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"adapter path {str(root)!r} is not a directory")
@@ -140,6 +139,14 @@ def read_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raw = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{cfg_file}: malformed JSON ({exc})") from exc
+    return raw, weights_file
+
+
+def read_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config dict, {PEFT key: tensor})`` of an adapter directory; pickles refused."""
+    from safetensors import SafetensorError, safe_open
+
+    raw, weights_file = config_and_weights(path)
     try:
         with safe_open(str(weights_file), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -193,6 +193,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     layers = [(p, lyr) for p, lyr in lora_layers(model) if name in lyr.lora_A]
     if not layers:
         raise ValueError(f"model has no adapter named {name!r}")
+    if any(getattr(lyr, "tp_world", 1) > 1 for _, lyr in layers):  # ShardedLoRALinear
+        raise ValueError("model is tensor-parallel: each rank holds only slices of the adapter; "
+                         "use lorart.distributed.save_adapter (gathers them, rank 0 writes)")
     rslora = {lyr.use_rslora[name] for _, lyr in layers}
     if len(rslora) != 1:
         raise ValueError(f"adapter {name!r} mixes rsLoRA and plain LoRA layers; PEFT's "

@@ -70,7 +70,7 @@ def _same(before: dict, model) -> bool:
 # ------------------------------------------------------------------ the worker
 def _dense_pair(d):
     m = tiny_llama()
-    m.load_state_dict(torch.load(f"{d}/dense.pt"))
+    m.load_state_dict(load_file(f"{d}/dense.safetensors"))
     lorart.patch(m)
     ref = copy.deepcopy(m)
     for name, *_ in ADAPTERS:
@@ -181,12 +181,16 @@ def _scenario_add_adapter(d, out):
                        for w in ("tp", "1p")]
             out[f"saved_{name}"] = (got.keys() == want.keys() and all(
                 torch.equal(got[k], want[k]) for k in got), configs[0] == configs[1])
+    try:  # the one-process writer would write this rank's slices only: it refuses
+        lorart.save_adapter(m, f"{d}/saved_slices", "b")
+    except ValueError as exc:
+        out["save_adapter_refused"] = str(exc)
 
 
 def _scenario_quantized(d, out):
     for scheme, group in (("int4", 32), ("int8", 16)):
         m = _variant(intermediate_size=128)
-        m.load_state_dict(torch.load(f"{d}/wide.pt"))
+        m.load_state_dict(load_file(f"{d}/wide.safetensors"))
         if scheme == "int4":
             lorart.patch(m, quantize="int4", group_size=32)
         else:  # the 8-bit layout: quantize every patched layer's base the same way
@@ -302,7 +306,7 @@ def _free_port() -> int:
 def _write_inputs(d) -> None:
     torch.manual_seed(0)
     dense = tiny_llama()
-    torch.save(dense.state_dict(), f"{d}/dense.pt")
+    save_file(dense.state_dict(), f"{d}/dense.safetensors")
     for name, r, targets in ADAPTERS + (("d", 3, ["gate_proj", "o_proj"]),):
         m = copy.deepcopy(dense)
         lorart.add_adapter(m, name, r=r, lora_alpha=2 * r, init_lora_weights=False,
@@ -315,7 +319,7 @@ def _write_inputs(d) -> None:
     tensors[key][-1, 0] = float("nan")
     save_file(tensors, f"{d}/c_nan/adapter_model.safetensors", metadata={"format": "pt"})
     wide = _variant(intermediate_size=128)
-    torch.save(wide.state_dict(), f"{d}/wide.pt")
+    save_file(wide.state_dict(), f"{d}/wide.safetensors")
     lorart.add_adapter(wide, "q", r=4, lora_alpha=8, init_lora_weights=False,
                        target_modules="all-linear")
     lorart.save_adapter(wide, f"{d}/wide_q", "q")
@@ -336,7 +340,7 @@ def records(tmp_path_factory):
         mp.spawn(_worker, args=(_free_port(), str(d)), nprocs=WORLD)
     except Exception:  # the records say which scenario failed; tests report it
         pass
-    return [torch.load(d / f"rank{r}.pt") if (d / f"rank{r}.pt").exists() else {}
+    return [torch.load(d / f"rank{r}.pt", weights_only=True) if (d / f"rank{r}.pt").exists() else {}
             for r in range(WORLD)]
 
 
@@ -411,3 +415,8 @@ def test_engine_across_ranks_equals_one_process(records):
 def test_save_adapter_gathers_the_same_directory_as_one_process(records, name):
     tensors_equal, configs_equal = records[0][f"saved_{name}"]
     assert tensors_equal and configs_equal
+
+
+def test_one_process_save_adapter_refuses_a_sharded_model(records):
+    for rank in records:
+        assert "lorart.distributed.save_adapter" in rank.get("save_adapter_refused", "")

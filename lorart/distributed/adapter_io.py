@@ -11,18 +11,22 @@ rank raises and no rank's model changes.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..layers import BASE_ADAPTER
-from ..patch import find_targets, freeze_base
-from ..peft_io import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, AdapterConfig, _parse_keys
+from ..patch import freeze_base
+from ..peft_format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterConfig,
+    config_and_weights,
+    lora_pairs,
+    targeted,
+)
 from . import shard
 from .layers import ShardedLoRALinear
 from .model import tp_info
@@ -69,27 +73,14 @@ def _read_plan(model: nn.Module, path, name: str) -> list:
 
     if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER:
         raise ValueError(f"name must be a non-empty adapter name without '.', got {name!r}")
-    root, where = Path(path), str(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"adapter path {where!r} is not a directory")
-    weights = root / WEIGHTS_NAME
-    if not weights.exists():
-        if any((root / n).exists() for n in PICKLE_NAMES):
-            raise ValueError(f"{root}: refusing to load a pickle file; lorart reads only "
-                             f"{WEIGHTS_NAME}")
-        raise FileNotFoundError(f"{root}: no {WEIGHTS_NAME}")
-    try:
-        raw = json.loads((root / CONFIG_NAME).read_text())
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{root}: no {CONFIG_NAME}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{root / CONFIG_NAME}: malformed JSON ({exc})") from exc
+    where = str(path)
+    raw, weights = config_and_weights(path)
     cfg = AdapterConfig(raw, f"{where}/{CONFIG_NAME}")
     modules = dict(model.named_modules())
     plan = []
     try:
         with safe_open(str(weights), framework="pt") as f:
-            by_module = _parse_keys({k: k for k in f.keys()}, where)
+            by_module = lora_pairs({k: k for k in f.keys()}, where)
             if not by_module:
                 raise ValueError(f"{where}: {WEIGHTS_NAME} holds no LoRA weights")
             _check_targets(model, cfg, by_module, where)
@@ -140,13 +131,10 @@ def _read_slices(f, keys: dict, layer: ShardedLoRALinear, mod_path: str, r: int,
 
 
 def _check_targets(model, cfg: AdapterConfig, by_module: dict, where: str) -> None:
-    if cfg.target_modules is None:
+    selected = targeted(model, cfg, where)
+    if selected is None:
         return
-    try:
-        targeted = set(find_targets(model, cfg.target_modules, cfg.exclude_modules))
-    except (TypeError, re.error) as exc:
-        raise ValueError(f"{where}: target_modules={cfg.target_modules!r}: {exc}") from exc
-    extra, missing = sorted(set(by_module) - targeted), sorted(targeted - set(by_module))
+    extra, missing = sorted(set(by_module) - selected), sorted(selected - set(by_module))
     if extra or missing:
         raise ValueError(f"{where}: weights for {extra[:3]} not selected by target_modules, "
                          f"or none for {missing[:3]} selected by target_modules="

@@ -77,6 +77,22 @@ def lorart_run(model, ids, n: int, adapter: str | None, fast: bool) -> tuple[flo
 
 
 # --------------------------------------------------------------------------- llama.cpp
+def _find_libllama() -> None:
+    """Point ``LLAMA_CPP_LIB_PATH`` at ``<dir>/lib`` when ``llama_cpp`` was found on
+    ``PYTHONPATH=<dir>`` with its libraries beside it rather than inside the package
+    (how a llama.cpp built from source is often laid out)."""
+    import importlib.util
+
+    if os.environ.get("LLAMA_CPP_LIB_PATH"):
+        return
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return
+    package = Path(spec.origin).parent
+    if not (package / "lib").is_dir() and (package.parent / "lib" / "libllama.so").exists():
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(package.parent / "lib")
+
+
 def llamacpp_run(llm, ids, n: int) -> tuple[float, float, list]:
     llm.reset()
     tokens, stamps = [], []
@@ -184,10 +200,12 @@ def main(argv=None) -> int:
     engines = {}
     tmp = tempfile.TemporaryDirectory()
     if not args.no_llamacpp:
+        _find_libllama()
         try:
             import llama_cpp
-        except ImportError:
-            print("llama-cpp-python not importable: lorart only", file=sys.stderr)
+        except (ImportError, OSError) as e:
+            print(f"llama-cpp-python not importable ({type(e).__name__}: {e}): lorart only",
+                  file=sys.stderr)
         else:
             lora_file = export_llamacpp_lora(model, Path(tmp.name) / "adapter.gguf",
                                              args.adapter)

@@ -53,6 +53,7 @@ def test_tiny_llama_logits_match_transformers(quantize, bias, adapter):
     whole = decoder.session(20, adapter).forward(ids[0], last_only=False)
     assert_close(whole, expected, what="prefill")
     session = decoder.session(20, adapter)  # 6-token prefill, a 4-token chunk, 3 decode steps
+    assert session.compiled is not None  # the one-token step runs as one C++ call
     parts = [session.forward(ids[0, :6], last_only=False),
              session.forward(ids[0, 6:10], last_only=False)]
     parts += [session.forward(ids[0, 10:11])]  # the general path, one token
@@ -169,6 +170,7 @@ def test_smollm2_decode_matches_transformers(smollm2, adapter):
     with torch.no_grad():
         expected = model(ids, adapter_names=[adapter or "__base__"]).logits[0]
     session = LlamaDecoder(model).session(ids.shape[1], adapter)
+    assert session.compiled is not None
     t = ids.shape[1] - 4
     got = [session.forward(ids[0, :t], last_only=False)]
     got += [session.step(int(ids[0, i])) for i in range(t, ids.shape[1])]

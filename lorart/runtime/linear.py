@@ -171,36 +171,57 @@ class BoundLinear:
         self.device = group.device
         self.lora_a, self.lora_b = lora_a, lora_b
         self.key: tuple = ()
-        self._cpu_args = self._bind_cpu() if self.device.type == "cpu" else None
+        # The C++ kernel's view of the base (None: off CPU, or no C++ kernel takes it).
+        self.kernel_args = self._kernel_args() if self.device.type == "cpu" else None
+        self._cpu_args = self._bind_cpu()
 
-    def _bind_cpu(self) -> tuple | None:
-        """``(cpu_forward, fixed keyword arguments)`` (None: use the op surface)."""
+    def _kernel_args(self) -> dict | None:
         try:
-            from .._C import cpu_forward
             from ..backend import cpu as cpu_backend
-            from ..backend.base import SCHEME_IDS
-        except ImportError:
-            return None
-        if self.dtype not in cpu_backend._DTYPE_CODE:
+        except ImportError:  # no compiled backend
             return None
         base = self.base
-        if isinstance(base, QuantizedWeight):
-            if base.scheme not in _FUSED_4BIT or cpu_backend.CpuBackend().unsupported(
-                    torch.empty(1, base.shape[1], dtype=self.dtype), base, None) is not None:
-                return None
-            weight_args = cpu_backend._weight_args(
-                base.qweight, base.scales, base.offsets, SCHEME_IDS[base.scheme],
-                base.group_size)
-        else:
-            weight_args = cpu_backend._weight_args(base, None, None, cpu_backend._DENSE, 0)
+        if isinstance(base, QuantizedWeight) and base.scheme not in (*_FUSED_4BIT, "int8"):
+            return None
+        return cpu_backend.kernel_weight_args(base, self.dtype)
+
+    def _adapter_args(self) -> dict:
+        """The adapter's keyword arguments of the C++ kernels (scale folded into B)."""
+        from ..backend.base import buffer
+
         rank = 0 if self.lora_b is None else self.lora_b.shape[1]
-        fixed = dict(dtype=cpu_backend._DTYPE_CODE[self.dtype], ldx=self.in_features,
-                     **weight_args, a=cpu_backend._buf(self.lora_a),
-                     b=cpu_backend._buf(self.lora_b), total_rank=rank,
-                     rank_offsets=[0, rank] if rank else [0], lora_scales=[1.0] if rank else [],
-                     adapter_ids=(0, 0), ldy=self.out_features,
+        return dict(a=buffer(self.lora_a), b=buffer(self.lora_b), total_rank=rank,
+                    rank_offsets=[0, rank] if rank else [0], lora_scales=[1.0] if rank else [])
+
+    def _bind_cpu(self) -> tuple | None:
+        """``(cpu_forward, fixed keyword arguments)`` for the eager 4-bit/dense call
+        (None: the op surface serves the call, e.g. the 8-bit layout)."""
+        args = self.kernel_args
+        if args is None or args["int8"]:
+            return None
+        from .._C import cpu_forward
+        from ..backend import cpu as cpu_backend
+
+        weight = {k: v for k, v in args.items() if k != "int8"}
+        fixed = dict(dtype=cpu_backend.dtype_code(self.dtype), ldx=self.in_features, **weight,
+                     **self._adapter_args(), adapter_ids=(0, 0), ldy=self.out_features,
                      decode_max_rows=cpu_backend.DECODE_MAX_ROWS)
         return cpu_forward, fixed
+
+    def add_to_plan(self, plan) -> int | None:
+        """Register this group in a ``lorart._C.DecodePlan``; its index there, or None when
+        the plan's kernels cannot run it (the caller then keeps the Python step)."""
+        from ..backend.base import buffer
+
+        args = self.kernel_args
+        if args is None or self.dtype != torch.float32:
+            return None
+        weight = {k: v for k, v in args.items() if k != "int8"}
+        if args["int8"]:
+            if self.lora_a is not None:
+                return None
+            return plan.add_int8_linear(**weight, bias=buffer(self.bias))
+        return plan.add_linear(**weight, bias=buffer(self.bias), **self._adapter_args())
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``y [M, N]`` for ``x [M, K]``; ``residual [M, N]``, when given, is added."""

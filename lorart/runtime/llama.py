@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cplan import build_plan
 from .linear import BoundLinear, DecodeLinear
 
 _ROPE_TYPES = ("default", "linear", "llama3")  # static tables; "dynamic" changes per length
@@ -156,6 +157,8 @@ class DecodeSession:
         embed = d.embed_tokens
         self._embed = (embed.weight if type(embed) is nn.Embedding and embed.weight.dtype
                        == d.dtype else None)
+        # The one-token step as one C++ call where every part allows it (cplan.py).
+        self.compiled = build_plan(self)
 
     @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:
@@ -176,6 +179,10 @@ class DecodeSession:
             x = self._embed[token].unsqueeze(0)  # [1, H], a row of the table (no copy)
         else:
             x = d.embed_tokens(torch.tensor([token], device=d.device)).to(d.dtype)
+        if self.compiled is not None:  # the same step in C++; x is overwritten there
+            logits = self.compiled(x[0].clone() if self._embed is not None else x[0], pos)
+            self.pos = end
+            return logits
         cos, sin = self.cos[pos], self.sin[pos]
         for (attn_norm, attn_eps, mlp_norm, mlp_eps, scaling, qkv, o, gate_up, down,
              k_cache, v_cache) in self._plan:

@@ -90,6 +90,11 @@ void DecodePlan::linear(const KernelTable* table, const Int8KernelTable* table8,
     l.f.y = y;
     table->forward(l.f, 1);
   }
+  for (int64_t r = 0; r < l.rank; ++r) {
+    const float t = dot(x, l.lora_a + r * l.k, l.k);
+    const int64_t lo = l.lo[static_cast<size_t>(r)], hi = l.hi[static_cast<size_t>(r)];
+    axpy(y + lo, t, l.lora_bt + r * l.n + lo, hi - lo);
+  }
 }
 
 void DecodePlan::step(const KernelTable* table, const Int8KernelTable* table8, float* x,

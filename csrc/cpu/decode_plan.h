@@ -17,6 +17,7 @@
 // objects that built it: lorart/runtime/cplan.py keeps them alive). float32 activations.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <deque>
 #include <vector>
@@ -33,6 +34,14 @@ struct PlanLinear {
   ForwardArgs f;       // used when !int8
   Int8ForwardArgs f8;  // used when int8
   int64_t n = 0, k = 0;
+  // The adapter, applied by the plan after the base kernel (instead of the kernel's per-
+  // output LoRA epilogue, a rank-long dot per output: 40 us of a 60 us q/k/v call at rank
+  // 24): t = x Aᵀ, then y[lo_r:hi_r] += t_r · Bᵀ[r, lo_r:hi_r], each a contiguous axpy.
+  // [lo_r, hi_r) skips the zero blocks of a fused group's block-diagonal B.
+  int64_t rank = 0;
+  const float* lora_a = nullptr;   // [rank, K]
+  const float* lora_bt = nullptr;  // [rank, N], the adapter's scale folded in
+  std::vector<int64_t> lo, hi;     // [rank] each
 };
 
 struct PlanLayer {
@@ -72,6 +81,7 @@ class DecodePlan {
     return static_cast<int>(linears_.size()) - 1;
   }
   void add_layer(const PlanLayer& l) { layers_.push_back(l); }
+  PlanLinear& linear_at(int idx) { return linears_.at(static_cast<size_t>(idx)); }
   PlanDims& dims() { return dims_; }
   const std::vector<PlanLinear>& linears() const { return linears_; }
   const std::vector<PlanLayer>& layers() const { return layers_; }

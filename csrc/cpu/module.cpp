@@ -430,6 +430,29 @@ int plan_add_int8_linear(DecodePlan& plan, int64_t n, int64_t k, const Buffer& c
   return plan.add_linear(l);
 }
 
+// The adapter of linear `idx`, applied after its base kernel: a [rank, K], bt [rank, N]
+// (float32, scale folded in), bt[r] nonzero only in columns lo[r]..hi[r].
+void plan_set_lora(DecodePlan& plan, int idx, const Buffer& a, const Buffer& bt, int64_t rank,
+                   std::vector<int64_t> lo, std::vector<int64_t> hi) {
+  if (idx < 0 || idx >= static_cast<int>(plan.linears().size()))
+    throw std::invalid_argument("set_lora: no such linear in the plan");
+  lorart::cpu::PlanLinear& l = plan.linear_at(idx);
+  if (l.rank != 0 || (!l.int8 && l.f.lora.a != nullptr))
+    throw std::invalid_argument("set_lora: the linear already has an adapter");
+  if (rank < 0 || static_cast<int64_t>(lo.size()) != rank ||
+      static_cast<int64_t>(hi.size()) != rank)
+    throw std::invalid_argument("set_lora: lo and hi need one entry per rank");
+  for (int64_t r = 0; r < rank; ++r)
+    if (lo[r] < 0 || lo[r] > hi[r] || hi[r] > l.n)
+      throw std::invalid_argument("set_lora: column range of rank " + std::to_string(r) +
+                                  " outside 0..N");
+  l.lora_a = ptr<float>(checked(a, rank * l.k, "a [rank, K]"));
+  l.lora_bt = ptr<float>(checked(bt, rank * l.n, "bt [rank, N]"));
+  l.rank = rank;
+  l.lo = std::move(lo);
+  l.hi = std::move(hi);
+}
+
 void plan_check_linear(const DecodePlan& plan, int idx, int64_t n, int64_t k, const char* what) {
   if (idx < 0 || idx >= static_cast<int>(plan.linears().size()))
     throw std::invalid_argument(std::string(what) + ": no such linear in the plan");
@@ -531,6 +554,8 @@ PYBIND11_MODULE(_C, m) {
       .def("add_int8_linear", &plan_add_int8_linear, py::arg("n"), py::arg("k"), py::arg("codes"),
            py::arg("scales"), py::arg("offsets"), py::arg("scale_dtype"), py::arg("group_size"),
            py::arg("bias"))
+      .def("set_lora", &plan_set_lora, py::arg("index"), py::arg("a"), py::arg("bt"),
+           py::arg("rank"), py::arg("lo"), py::arg("hi"))
       .def("add_layer", &plan_add_layer, py::arg("attn_norm"), py::arg("attn_eps"),
            py::arg("mlp_norm"), py::arg("mlp_eps"), py::arg("qkv"), py::arg("o"),
            py::arg("gate_up"), py::arg("down"), py::arg("k_cache"), py::arg("v_cache"))

@@ -218,10 +218,22 @@ class BoundLinear:
             return None
         weight = {k: v for k, v in args.items() if k != "int8"}
         if args["int8"]:
-            if self.lora_a is not None:
-                return None
-            return plan.add_int8_linear(**weight, bias=buffer(self.bias))
-        return plan.add_linear(**weight, bias=buffer(self.bias), **self._adapter_args())
+            index = plan.add_int8_linear(**weight, bias=buffer(self.bias))
+        else:
+            index = plan.add_linear(**weight, bias=buffer(self.bias), a=(0, 0), b=(0, 0),
+                                    total_rank=0, rank_offsets=[0], lora_scales=[])
+        if self.lora_b is not None:
+            # Bᵀ [R, N] and each rank's nonzero columns (q/k/v's B is block-diagonal).
+            self._plan_bt = self.lora_b.t().to(torch.float32).contiguous()
+            self._plan_a = self.lora_a.to(torch.float32).contiguous()
+            nonzero = self._plan_bt != 0
+            cols = torch.arange(self.out_features)
+            lo = torch.where(nonzero, cols, self.out_features).amin(1)
+            hi = torch.where(nonzero, cols + 1, 0).amax(1)
+            lo = torch.minimum(lo, hi)  # an all-zero column: the empty range [hi, hi)
+            plan.set_lora(index=index, a=buffer(self._plan_a), bt=buffer(self._plan_bt),
+                          rank=self._plan_bt.shape[0], lo=lo.tolist(), hi=hi.tolist())
+        return index
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``y [M, N]`` for ``x [M, K]``; ``residual [M, N]``, when given, is added."""

@@ -57,11 +57,13 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------- lorart
-def lorart_run(model, ids, n: int, adapter: str | None, fast: bool) -> tuple[float, float, list]:
+def lorart_run(model, ids, n: int, adapter: str | None, fast: bool,
+               activations: str = "float32") -> tuple[float, float, list]:
     """``(decode tok/s, end-to-end tok/s, new token ids)`` of one greedy generate."""
     import torch
 
     os.environ["LORART_FAST_DECODE"] = "1" if fast else "0"
+    os.environ["LORART_DECODE_ACTIVATIONS"] = activations
     names = [adapter or "__base__"]
     kw = dict(do_sample=False, adapter_names=names)
     with torch.inference_mode():
@@ -218,7 +220,11 @@ def main(argv=None) -> int:
     runs = {}
     for adapter in (None, args.adapter):
         label = "adapter" if adapter else "base"
-        todo = {"lorart": lambda a=adapter: lorart_run(model, ids, args.tokens, a, True)}
+        todo = {"lorart": lambda a=adapter: lorart_run(model, ids, args.tokens, a, True),
+                "lorart int16-act": lambda a=adapter: lorart_run(model, ids, args.tokens, a,
+                                                                 True, "int16"),
+                "lorart int8-act": lambda a=adapter: lorart_run(model, ids, args.tokens, a,
+                                                                True, "int8")}
         if not args.no_hf:
             todo["lorart (HF loop)"] = lambda a=adapter: lorart_run(model, ids, args.tokens, a,
                                                                     False)
@@ -233,6 +239,7 @@ def main(argv=None) -> int:
                 results[name].append(f())
         runs[label] = results
     os.environ.pop("LORART_FAST_DECODE", None)
+    os.environ.pop("LORART_DECODE_ACTIVATIONS", None)
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
             "tokens": args.tokens, "prompt_tokens": len(prompt), "adapter": args.adapter,

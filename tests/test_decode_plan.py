@@ -86,3 +86,23 @@ def test_int8_kernels_under_avx512bf16_are_the_avx512_ones():
         cpu.set_isa(before)
     assert torch.equal(out["avx512bf16"], out["avx512"])
     assert not torch.equal(out["avx512bf16"], out["scalar"])  # a different summation order
+
+
+@pytest.mark.skipif(not __import__("lorart")._C.cpu_has_vnni(), reason="needs AVX512-VNNI")
+@pytest.mark.parametrize("activations,tol", [("int16", 1e-3), ("int8", 0.1)])
+def test_integer_activation_steps_stay_close_to_float32(activations, tol, monkeypatch):
+    """The opt-in integer-activation steps (decode_q8.cpp) against the float32 plan on a
+    4-bit model with an adapter: int16 within ~1e-3 relative, int8 within ~0.1."""
+    model = _tiny_llama("int4", False, seed=2)
+    ids = torch.randint(0, 101, (25,))
+    want, _ = _steps(model, "a", ids, monkeypatch, plan=True)
+    session = LlamaDecoder(model, activations=activations).session(40, "a")
+    got = torch.cat([session.forward(ids[:5])] + [session.step(int(t)) for t in ids[5:]])
+    err = (got - want).norm() / want.norm()
+    assert 0 < err < tol, f"{activations}: relative error {err:.2e}"
+
+
+def test_bad_activations_name():
+    model = _tiny_llama(None, False)
+    with pytest.raises(ValueError, match="activations must be one of"):
+        LlamaDecoder(model, activations="fp8")

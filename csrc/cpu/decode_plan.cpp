@@ -79,7 +79,13 @@ void attend(const float* q, const float* k, const float* v, int64_t len, int64_t
 void DecodePlan::linear(const KernelTable* table, const Int8KernelTable* table8, int idx,
                         const float* x, float* y) {
   PlanLinear& l = linears_[static_cast<size_t>(idx)];
-  if (l.int8) {
+  if (l.q8) {
+    q8_quantize(x, l.k, l.qw.int8, &xq_, vnni_, l.q8_bits);
+    q8_gemv(l.qw, xq_, y, vnni_);
+    const float* bias = static_cast<const float*>(l.int8 ? l.f8.bias : l.f.bias);
+    if (bias != nullptr)
+      for (int64_t j = 0; j < l.n; ++j) y[j] += bias[j];
+  } else if (l.int8) {
     l.f8.m = 1;
     l.f8.x = x;
     l.f8.y = y;

@@ -22,6 +22,7 @@
 #include <deque>
 #include <vector>
 
+#include "cpu/decode_q8.h"
 #include "cpu/int8_cpu.h"
 #include "cpu/lora_cpu.h"
 
@@ -42,6 +43,11 @@ struct PlanLinear {
   const float* lora_a = nullptr;   // [rank, K]
   const float* lora_bt = nullptr;  // [rank, N], the adapter's scale folded in
   std::vector<int64_t> lo, hi;     // [rank] each
+  // Opt-in int8 activations (decode_q8.h): the base runs q8_gemv instead of the kernel
+  // table, then the bias, then the adapter as above.
+  bool q8 = false;
+  int q8_bits = 8;  // activation bits: 8 or 16
+  Q8Weight qw;
 };
 
 struct PlanLayer {
@@ -101,6 +107,8 @@ class DecodePlan {
   std::deque<std::vector<int64_t>> offsets_;
   std::deque<std::vector<float>> scales_;
   std::vector<float> h_, qkv_, attn_, gu_, tmp_, scores_;  // scratch, sized on first step
+  Q8Activation xq_;
+  bool vnni_ = q8_has_vnni();
 };
 
 }  // namespace cpu

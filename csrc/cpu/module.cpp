@@ -453,6 +453,65 @@ void plan_set_lora(DecodePlan& plan, int idx, const Buffer& a, const Buffer& bt,
   l.hi = std::move(hi);
 }
 
+// Switch linear `idx` to int8 activations (decode_q8.h); false (unchanged) when its
+// weight is not a group-32 asym/sym 4-bit or 8-bit layout.
+bool plan_set_q8(DecodePlan& plan, int idx, int bits) {
+  if (bits != 8 && bits != 16) throw std::invalid_argument("set_q8: bits must be 8 or 16");
+  if (idx < 0 || idx >= static_cast<int>(plan.linears().size()))
+    throw std::invalid_argument("set_q8: no such linear in the plan");
+  lorart::cpu::PlanLinear& l = plan.linear_at(idx);
+  lorart::cpu::Q8Weight q;
+  q.n = l.n;
+  q.k = l.k;
+  if (l.int8) {
+    const auto& w = l.f8.w;
+    if (w.group_size != 32) return false;
+    q.int8 = true;
+    q.codes = reinterpret_cast<const uint8_t*>(w.q);
+    q.scales = w.scales;
+    q.offsets = w.offsets;
+    q.scales_f16 = w.scale_dtype == DType::kF16;
+  } else {
+    const auto& w = l.f.w;
+    if (!w.quantized || w.group_size != 32 || (w.scheme != 0 && w.scheme != 1)) return false;
+    q.codes = w.qweight;
+    q.scales = w.scales;
+    q.offsets = w.offsets;
+    q.scales_f16 = w.scale_dtype == DType::kF16;
+    q.sym = w.scheme == 1;
+  }
+  l.qw = q;
+  l.q8 = true;
+  l.q8_bits = bits;
+  return true;
+}
+
+// y [N] = the int8-activation GEMV of decode_q8.h (tests: vnni false = scalar reference).
+void q8_gemv_binding(int64_t n, int64_t k, bool int8, const Buffer& codes, const Buffer& scales,
+                     const Buffer& offsets, bool scales_f16, bool sym, const Buffer& x,
+                     const Buffer& y, bool vnni, int bits) {
+  if (bits != 8 && bits != 16) throw std::invalid_argument("q8_gemv: bits must be 8 or 16");
+  if (n < 0 || k <= 0 || k % 32 != 0)
+    throw std::invalid_argument("q8_gemv: K must be a positive multiple of 32");
+  if (vnni && !lorart::cpu::q8_has_vnni())
+    throw std::invalid_argument("q8_gemv: this CPU has no AVX512-VNNI");
+  lorart::cpu::Q8Weight w;
+  w.n = n;
+  w.k = k;
+  w.int8 = int8;
+  w.codes = ptr<uint8_t>(checked(codes, int8 ? n * k : n * k / 2, "codes"));
+  w.scales = ptr<void>(checked(scales, n * (k / 32), "scales [N, K/32]"));
+  w.offsets = ptr<void>(checked(offsets, n * (k / 32), "offsets [N, K/32]", true));
+  w.scales_f16 = scales_f16;
+  w.sym = sym;
+  const float* xp = ptr<float>(checked(x, k, "x [K]"));
+  float* yp = reinterpret_cast<float*>(checked(y, n, "y [N]"));
+  py::gil_scoped_release release;
+  lorart::cpu::Q8Activation xq;
+  lorart::cpu::q8_quantize(xp, k, int8, &xq, vnni, bits);
+  lorart::cpu::q8_gemv(w, xq, yp, vnni);
+}
+
 void plan_check_linear(const DecodePlan& plan, int idx, int64_t n, int64_t k, const char* what) {
   if (idx < 0 || idx >= static_cast<int>(plan.linears().size()))
     throw std::invalid_argument(std::string(what) + ": no such linear in the plan");
@@ -542,6 +601,11 @@ PYBIND11_MODULE(_C, m) {
         "Rows of an 8-bit W, dequantized");
 
   // decode (#15): the batch-1 decode step in C++ (lorart/runtime/cplan.py builds it).
+  m.def("cpu_q8_gemv", &q8_gemv_binding, py::arg("n"), py::arg("k"), py::arg("int8"),
+        py::arg("codes"), py::arg("scales"), py::arg("offsets"), py::arg("scales_f16"),
+        py::arg("sym"), py::arg("x"), py::arg("y"), py::arg("vnni"), py::arg("bits") = 8,
+        "y [N] = W x with x rounded to int8 per group of 32 (decode_q8.h)");
+  m.def("cpu_has_vnni", &lorart::cpu::q8_has_vnni, "Whether AVX512-VNNI kernels run here");
   py::class_<DecodePlan>(m, "DecodePlan", "Batch-1 Llama decode step over the kernel tables")
       .def(py::init(&make_plan), py::arg("n_head"), py::arg("n_kv"), py::arg("head_dim"),
            py::arg("hidden"), py::arg("inter"), py::arg("max_len"), py::arg("vocab"),
@@ -556,6 +620,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("bias"))
       .def("set_lora", &plan_set_lora, py::arg("index"), py::arg("a"), py::arg("bt"),
            py::arg("rank"), py::arg("lo"), py::arg("hi"))
+      .def("set_q8", &plan_set_q8, py::arg("index"), py::arg("bits") = 8,
+           "Int8 activations for this linear; False when its layout has no such kernel")
       .def("add_layer", &plan_add_layer, py::arg("attn_norm"), py::arg("attn_eps"),
            py::arg("mlp_norm"), py::arg("mlp_eps"), py::arg("qkv"), py::arg("o"),
            py::arg("gate_up"), py::arg("down"), py::arg("k_cache"), py::arg("v_cache"))

@@ -9,7 +9,12 @@ kernel tables, KV cache and RoPE tables — in one call without the GIL.
 
 ``build_plan(session)`` returns ``None`` (the Python step stays) when any part is not
 something the plan runs: activations other than float32, a group no C++ kernel takes,
-an 8-bit group with an adapter, or no ``lorart._C``. ``LORART_DECODE_PLAN=0`` turns the
+or no ``lorart._C``.
+
+With ``LlamaDecoder(..., activations="int16" | "int8")`` every 4-bit (asym/sym) and 8-bit
+group of group size 32 runs ``csrc/cpu/decode_q8.cpp`` instead (on CPUs with AVX512-VNNI):
+x rounded per group of 32 to 16 bits (logits ~2e-4 from float32) or 8 bits (llama.cpp's
+Q8 activations, ~4e-2) and integer dot products. ``LORART_DECODE_PLAN=0`` turns the
 plan off (the Python step then runs: the reference the plan is tested against).
 """
 
@@ -85,4 +90,11 @@ def build_plan(session) -> CompiledStep | None:
         return None
     keep.append(session.lm_head)
     plan.set_lm_head(index=head)
+    from .._C import cpu_has_vnni
+
+    # Every group with an integer-activation kernel; without VNNI only its scalar reference
+    # exists (slower than the float32 kernels), so the float32 kernels stay.
+    if d.activations in ("int8", "int16") and cpu_has_vnni():
+        for index in range(head + 1):
+            plan.set_q8(index=index, bits=8 if d.activations == "int8" else 16)
     return CompiledStep(plan, keep, session)

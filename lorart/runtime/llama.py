@@ -34,7 +34,8 @@ from torch import nn
 from .cplan import build_plan
 from .linear import BoundLinear, DecodeLinear
 
-_ROPE_TYPES = ("default", "linear", "llama3")  # static tables; "dynamic" changes per length
+_ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = ("float32", "int16", "int8")  # static tables; "dynamic" changes per length
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -84,12 +85,20 @@ class LlamaDecoder:
             ``lorart.from_gguf``; its linear layers may be ``LoRALinear`` (4-bit or
             dense) or ``nn.Linear``.
         dtype: activation dtype; float32 (the model's own) by default.
+        activations: ``"float32"`` (transformers' arithmetic, the default), ``"int16"`` or
+            ``"int8"``: the one-token step rounds each linear layer's input to 16 / 8 bits
+            per group of 32 and runs integer dot products (``cplan.py``; int8 is llama.cpp's
+            rounding); prefill stays float32. ``FastGenerate`` uses ``"int16"``.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32,
+                 activations: str = "float32") -> None:
         why = unsupported(model)
         if why is not None:
             raise ValueError(f"LlamaDecoder cannot run this model: {why}")
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+        self.activations = activations
         config, inner = model.config, model.model
         self.model = model
         self.dtype = dtype

@@ -13,7 +13,8 @@ what the decoder computes exactly as transformers would:
   set the same in every layer that has it (or none).
 
 Anything else goes to the wrapped ``generate`` unchanged (transformers' loop).
-``LORART_FAST_DECODE=0`` turns the lean path off. The decode steps round activations to 16 bits per group of 32
+``LORART_FAST_DECODE=0`` turns the lean path off. The decode steps round activations to
+16 bits per group of 32
 (``DEFAULT_ACTIVATIONS``: logits within ~2e-4 of float32, measured): so the tokens equal
 transformers' except where two logits tie within that; ``LORART_DECODE_ACTIVATIONS=float32``
 (or ``enable_fast_generate(model, activations="float32")``) keeps float32 throughout,

@@ -202,3 +202,25 @@ def test_smollm2_generate_takes_lean_path(smollm2, monkeypatch):
             logits = LlamaDecoder(model).session(k, adapter).forward(ref[0, :k])[-1]
             margin = float(logits[ref[0, k]] - logits[default[0, k]])
             assert 0 <= margin < 1e-3, f"int16 flipped a token with a float32 margin {margin}"
+
+
+def test_tensor_parallel_or_unknown_layers_are_refused():
+    """A sharded (tensor-parallel) projection or a layer class the decoder does not know
+    keeps transformers' loop: the decoder would read a shard as the whole weight."""
+    from lorart.runtime.llama import unsupported
+
+    model = _tiny_llama("int4", False)
+    assert unsupported(model) is None
+    model.model.layers[1].mlp.down_proj.tp_group = object()  # how tp marks a shard
+    assert "tensor-parallel" in unsupported(model)
+    ids = torch.randint(0, 101, (1, 5))
+    enable_fast_generate(model)
+    model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert model.generate.last_path == "transformers"
+    del model.model.layers[1].mlp.down_proj.tp_group
+
+    class Sharded(type(model.model.layers[0].self_attn.q_proj)):
+        pass
+
+    model.model.layers[0].self_attn.q_proj.__class__ = Sharded
+    assert "Sharded" in unsupported(model)

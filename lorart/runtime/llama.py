@@ -55,6 +55,28 @@ def unsupported(model: nn.Module) -> str | None:
         return f"rope_type={rope_type!r} (supported: {_ROPE_TYPES})"
     if model.training:
         return "model is in training mode"
+    return _unsupported_linears(model)
+
+
+def _unsupported_linears(model: nn.Module) -> str | None:
+    """The decoder reads each projection's whole weight: only the plain layer classes it
+    knows (not subclasses), and none that holds a shard of a tensor-parallel layer."""
+    from ..embedding import QuantizedLinear, TiedQuantizedLinear
+    from ..layers import LoRALinear
+
+    known = (LoRALinear, QuantizedLinear, TiedQuantizedLinear, nn.Linear)
+    linears = [("lm_head", model.lm_head)]
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        for owner, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                             (mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                linears.append((f"layers.{i}.{name}", getattr(owner, name, None)))
+    for name, m in linears:
+        if type(m) not in known:
+            return f"{name} is a {type(m).__name__} (expected one of lorart's linear layers)"
+        if getattr(m, "tp_group", None) is not None:
+            return f"{name} is a tensor-parallel shard"
     return None
 
 
@@ -251,6 +273,8 @@ def decoder_signature(model: nn.Module) -> tuple:
     weight it copied. A changed signature (merge, ``.to()``, new weights) means rebuild."""
     from ..layers import LoRALinear
 
+    if unsupported(model) is not None:  # e.g. sharded by tensor parallelism since built
+        return ("unsupported", id(model))
     sig = [id(getattr(model, "lm_head", None)),
            id(getattr(getattr(model, "model", None), "embed_tokens", None))]
     for m in model.modules():

@@ -386,7 +386,8 @@ def print_summary(summary: list[dict], n: int) -> None:
         print(f"{rec['threads']:>7} {rec['case']:8} {t['lorart']:8.1f} "
               f"{lc if lc is not None else float('nan'):9.1f} "
               f"{ratio if ratio is not None else float('nan'):5.2f}x {target:6.1f}x {met:>4}  "
-              f"{same if same is not None else '-'}/{n} (target >= {round(60 * n / 64)}), answer up to EOS "
+              f"{same if same is not None else '-'}/{n} (target >= {round(60 * n / 64)}), "
+              f"answer up to EOS "
               f"{'same' if rec['llamacpp_answer_same'] else 'differs'} | {others}"
               f"   (load {rec['load_avg']:.1f})")
     for threads in sorted({r["threads"] for r in summary}):

@@ -44,6 +44,20 @@ struct Q8Weight {
   bool sym = false;  // 4-bit sym: offset = -8 · scale
 };
 
+// One call's activation as plain pointers, for the VNNI TU (decode_q8_vnni.cpp).
+struct Q8Raw {
+  const Q8Weight* w;
+  const int8_t* q;
+  const int16_t* q16;
+  const float* d_lane;
+  const float* s_lane;
+  int bits;
+};
+// decode_q8_vnni.cpp: rows n0..n1 of y, and the per-group rounding of x (natural order).
+void q8_rows_vnni(const Q8Raw& x, float* y, int64_t n0, int64_t n1);
+void q8_quantize_groups_vnni(const float* x, int64_t groups, int8_t* q, int16_t* q16, float* d,
+                             float* sum);
+
 // Whether this CPU runs the VNNI kernels (else q8_gemv runs the scalar reference).
 bool q8_has_vnni();
 

@@ -106,3 +106,38 @@ def test_bad_activations_name():
     model = _tiny_llama(None, False)
     with pytest.raises(ValueError, match="activations must be one of"):
         LlamaDecoder(model, activations="fp8")
+
+
+def test_sessions_on_many_threads_equal_solo_sessions():
+    """Concurrent sessions (different adapters) build plans over the same decoder: each
+    plan must own what it points into (a shared cache rebuilt by another thread once left
+    a plan with a freed adapter buffer)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _tiny_llama("int4", False, seed=3)
+    decoder = LlamaDecoder(model, activations="int16")
+    ids = torch.randint(0, 101, (12,))
+    adapters = [None, "a", "b", "a", "b", None]
+
+    def run(adapter):
+        s = decoder.session(16, adapter)
+        return torch.cat([s.forward(ids[:4])] + [s.step(int(t)) for t in ids[4:]])
+
+    solo = [run(a) for a in adapters]
+    barrier = threading.Barrier(len(adapters))
+
+    def work(i):
+        barrier.wait()
+        return [run(adapters[i]) for _ in range(4)]
+
+    for _ in range(3):
+        for a in ("a", "b"):  # new adapter versions: every thread rebuilds the bound groups
+            for m in model.modules():
+                if hasattr(m, "lora_B") and a in m.lora_B:
+                    m.lora_B[a].data.add_(0)
+        with ThreadPoolExecutor(len(adapters)) as pool:
+            results = list(pool.map(work, range(len(adapters))))
+        for i, outs in enumerate(results):
+            for out in outs:
+                assert torch.equal(out, solo[i]), f"thread {i} ({adapters[i]})"

@@ -76,19 +76,17 @@ def build_plan(session) -> CompiledStep | None:
     for layer, bound, cache in zip(d.layers, session.bound, session.cache):
         if layer.scaling != d.layers[0].scaling:
             return None
-        idx = [g.add_to_plan(plan) for g in bound]
+        idx = [g.add_to_plan(plan, keep) for g in bound]
         if any(i is None for i in idx):
             return None
-        keep.extend(bound)
         attn_norm, mlp_norm = f32(layer.attn_norm), f32(layer.mlp_norm)
         plan.add_layer(attn_norm=buffer(attn_norm), attn_eps=float(layer.attn_eps),
                        mlp_norm=buffer(mlp_norm), mlp_eps=float(layer.mlp_eps), qkv=idx[0],
                        o=idx[1], gate_up=idx[2], down=idx[3], k_cache=buffer(cache[0]),
                        v_cache=buffer(cache[1]))
-    head = session.lm_head.add_to_plan(plan)
+    head = session.lm_head.add_to_plan(plan, keep)
     if head is None:
         return None
-    keep.append(session.lm_head)
     plan.set_lm_head(index=head)
     from .._C import cpu_has_vnni
 

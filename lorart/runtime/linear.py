@@ -208,9 +208,11 @@ class BoundLinear:
                      decode_max_rows=cpu_backend.DECODE_MAX_ROWS)
         return cpu_forward, fixed
 
-    def add_to_plan(self, plan) -> int | None:
+    def add_to_plan(self, plan, keep: list) -> int | None:
         """Register this group in a ``lorart._C.DecodePlan``; its index there, or None when
-        the plan's kernels cannot run it (the caller then keeps the Python step)."""
+        the plan's kernels cannot run it (the caller then keeps the Python step). Every
+        tensor the plan points into is appended to ``keep``, which must live as long as
+        the plan (sessions on other threads may rebuild this object's caches meanwhile)."""
         from ..backend.base import buffer
 
         args = self.kernel_args
@@ -222,18 +224,28 @@ class BoundLinear:
         else:
             index = plan.add_linear(**weight, bias=buffer(self.bias), a=(0, 0), b=(0, 0),
                                     total_rank=0, rank_offsets=[0], lora_scales=[])
+        keep.append(self)  # holds base, bias (and the kernel arguments' tensors)
         if self.lora_b is not None:
-            # Bᵀ [R, N] and each rank's nonzero columns (q/k/v's B is block-diagonal).
-            self._plan_bt = self.lora_b.t().to(torch.float32).contiguous()
-            self._plan_a = self.lora_a.to(torch.float32).contiguous()
-            nonzero = self._plan_bt != 0
+            a, bt, lo, hi = self._plan_lora()
+            keep += [a, bt]
+            plan.set_lora(index=index, a=buffer(a), bt=buffer(bt), rank=bt.shape[0], lo=lo,
+                          hi=hi)
+        return index
+
+    def _plan_lora(self) -> tuple:
+        """``(A [R, K], Bᵀ [R, N], lo, hi)`` float32 for ``DecodePlan.set_lora``: each rank's
+        nonzero columns ``[lo_r, hi_r)`` (q/k/v's B is block-diagonal). Built once."""
+        cached = self.__dict__.get("_plan_lora_args")
+        if cached is None:
+            bt = self.lora_b.t().to(torch.float32).contiguous()
+            a = self.lora_a.to(torch.float32).contiguous()
+            nonzero = bt != 0
             cols = torch.arange(self.out_features)
             lo = torch.where(nonzero, cols, self.out_features).amin(1)
             hi = torch.where(nonzero, cols + 1, 0).amax(1)
             lo = torch.minimum(lo, hi)  # an all-zero column: the empty range [hi, hi)
-            plan.set_lora(index=index, a=buffer(self._plan_a), bt=buffer(self._plan_bt),
-                          rank=self._plan_bt.shape[0], lo=lo.tolist(), hi=hi.tolist())
-        return index
+            cached = self._plan_lora_args = (a, bt, lo.tolist(), hi.tolist())
+        return cached
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``y [M, N]`` for ``x [M, K]``; ``residual [M, N]``, when given, is added."""

@@ -1,15 +1,22 @@
 """Batch-1 greedy decode: lorart vs llama.cpp on the same GGUF, without and with an adapter.
 
-    python benchmarks/bench_vs_llamacpp.py                       # 64 tokens, 2 threads
+    PYTHONPATH=<dir with llama_cpp/> python benchmarks/bench_vs_llamacpp.py   # 1 and 2 threads
     python benchmarks/bench_vs_llamacpp.py --threads 1 --rounds 3 --out bench-out/vs.jsonl
-    python benchmarks/bench_vs_llamacpp.py --profile             # + one decode step, by part
+    python benchmarks/bench_vs_llamacpp.py --threads 1 --profile   # + one decode step, by part
+
+Ends with a SUMMARY table: tok/s of both, the ratio against the issue's target (>= 1.0x
+without an adapter, >= 1.2x with one), same greedy tokens as llama.cpp (target 60/64) and
+the adapter's cost. ~2.5 minutes for both thread counts on the 2-core machine.
 
 Same SmolLM2-135M-Instruct Q4_1 file, same chat prompt (token ids from lorart's
 tokenizer fed to both), greedy, ``--tokens`` new tokens (EOS suppressed on lorart's side
 with ``min_new_tokens``; the prompt asks for a long answer so llama.cpp does not stop):
 
-    lorart        lorart.from_gguf() + model.generate(...)            (the user's call)
-    lorart (HF)   the same with LORART_FAST_DECODE=0: transformers' generate loop
+    lorart        lorart.from_gguf() + model.generate(...)            (the user's call:
+                  the batch-1 decoder, int16 activations by default)
+    float32-act   the same with LORART_DECODE_ACTIVATIONS=float32 (transformers' tokens)
+    int8-act      the same with LORART_DECODE_ACTIVATIONS=int8 (llama.cpp's rounding)
+    lorart (HF)   with --hf: LORART_FAST_DECODE=0, transformers' generate loop
     llama.cpp     llama-cpp-python's Llama.generate (top_k=1)
     + adapter     lorart: adapter_names=["pirate"]; llama.cpp: the same adapter exported
                   with lorart.convert.llamacpp.export_llamacpp_lora, loaded as lora_path
@@ -23,9 +30,9 @@ libllama.so>``.
 
 Same tokens: lorart suppresses EOS for the timed runs (``min_new_tokens``), llama.cpp
 does not, so besides the position-wise count over all tokens the answers are compared
-up to each one's first EOS; at the first divergence lorart's logit gap between its token
-and llama.cpp's is printed (a near-tie that 8-bit activation rounding can flip: llama.cpp
-quantizes activations to Q8 for its Q4_1 dot products, lorart keeps them float32).
+up to each one's first EOS; at llama.cpp's first divergence from transformers' tokens the
+float32 logit gap between the two tokens is printed (a near-tie that 8-bit activation
+rounding can flip: llama.cpp quantizes activations to Q8 for its Q4_1 dot products).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,22 +54,31 @@ PROMPT = ("Write a long story about a ship that sails around the world, with man
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="thread counts; each runs in its own process (OpenMP fixes its "
+                        "thread count at start)")
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--adapter", default="pirate", help="a shipped adapter (lorart/data/adapters)")
     p.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp")
-    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate loop")
+    p.add_argument("--hf", action="store_true", help="also time transformers' generate loop")
     p.add_argument("--profile", action="store_true", help="also time one decode step by part")
     p.add_argument("--out", type=Path, help="append JSON lines here")
+    p.add_argument("--summary-out", type=Path, help=argparse.SUPPRESS)  # (child processes)
     return p.parse_args(argv)
 
 
 # --------------------------------------------------------------------------- lorart
-def lorart_run(model, ids, n: int, adapter: str | None, fast: bool) -> tuple[float, float, list]:
-    """``(decode tok/s, end-to-end tok/s, new token ids)`` of one greedy generate."""
+def lorart_run(model, ids, n: int, adapter: str | None, fast: bool,
+               activations: str | None = None) -> tuple[float, float, list]:
+    """``(decode tok/s, end-to-end tok/s, new token ids)`` of one greedy generate
+    (``activations`` None: the default of ``model.generate``)."""
     import torch
 
     os.environ["LORART_FAST_DECODE"] = "1" if fast else "0"
+    if activations is None:
+        os.environ.pop("LORART_DECODE_ACTIVATIONS", None)
+    else:
+        os.environ["LORART_DECODE_ACTIVATIONS"] = activations
     names = [adapter or "__base__"]
     kw = dict(do_sample=False, adapter_names=names)
     with torch.inference_mode():
@@ -77,6 +94,22 @@ def lorart_run(model, ids, n: int, adapter: str | None, fast: bool) -> tuple[flo
 
 
 # --------------------------------------------------------------------------- llama.cpp
+def _find_libllama() -> None:
+    """Point ``LLAMA_CPP_LIB_PATH`` at ``<dir>/lib`` when ``llama_cpp`` was found on
+    ``PYTHONPATH=<dir>`` with its libraries beside it rather than inside the package
+    (how a llama.cpp built from source is often laid out)."""
+    import importlib.util
+
+    if os.environ.get("LLAMA_CPP_LIB_PATH"):
+        return
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return
+    package = Path(spec.origin).parent
+    if not (package / "lib").is_dir() and (package.parent / "lib" / "libllama.so").exists():
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(package.parent / "lib")
+
+
 def llamacpp_run(llm, ids, n: int) -> tuple[float, float, list]:
     llm.reset()
     tokens, stamps = [], []
@@ -162,12 +195,43 @@ def profile_step(model, adapter: str | None, threads: int) -> dict:
 
 
 # --------------------------------------------------------------------------- main
+# name -> what it is; "lorart" is the user's plain model.generate call
+ENGINES = {"lorart": "lorart model.generate (default: int16 activations)",
+           "lorart float32-act": "lorart, float32 activations (transformers' tokens)",
+           "lorart int8-act": "lorart, int8 activations (llama.cpp's rounding)",
+           "lorart (HF loop)": "lorart kernels in transformers' generate loop",
+           "llama.cpp": "llama-cpp-python, same GGUF (+ the adapter exported to GGUF LoRA)"}
+TARGETS = {"base": 1.0, "adapter": 1.2}  # issue #15: lorart / llama.cpp decode tok/s
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # lorart's OpenMP kernels
+    if len(args.threads) == 1:
+        return run_one(args, args.threads[0])
+    summaries = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rest = [a for a in (argv if argv is not None else sys.argv[1:])]
+        if "--threads" in rest:  # drop "--threads N M ..." from the child's arguments
+            i = rest.index("--threads")
+            j = i + 1
+            while j < len(rest) and rest[j].isdigit():
+                j += 1
+            rest = rest[:i] + rest[j:]
+        for t in args.threads:
+            out = Path(tmp) / f"summary-{t}.json"
+            subprocess.run([sys.executable, __file__, *rest, "--threads", str(t),
+                            "--summary-out", str(out)], check=True)
+            summaries += json.loads(out.read_text())
+    print_summary(summaries, args.tokens)
+    return 0
+
+
+def run_one(args, threads: int) -> int:
+    """One thread count, in this process: time every engine, print and return 0."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # lorart's OpenMP kernels
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     import lorart
     from lorart.backend.cpu import isa as cpu_isa
     from lorart.convert.llamacpp import export_llamacpp_lora
@@ -184,83 +248,110 @@ def main(argv=None) -> int:
     engines = {}
     tmp = tempfile.TemporaryDirectory()
     if not args.no_llamacpp:
+        _find_libllama()
         try:
             import llama_cpp
-        except ImportError:
-            print("llama-cpp-python not importable: lorart only", file=sys.stderr)
+        except (ImportError, OSError) as e:
+            print(f"llama-cpp-python not importable ({type(e).__name__}: {e}): lorart only",
+                  file=sys.stderr)
         else:
             lora_file = export_llamacpp_lora(model, Path(tmp.name) / "adapter.gguf",
                                              args.adapter)
-            common = dict(model_path=str(gguf_path), n_ctx=512, n_threads=args.threads,
-                          n_threads_batch=args.threads, verbose=False)
+            common = dict(model_path=str(gguf_path), n_ctx=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
             engines["llama.cpp"] = llama_cpp.Llama(**common)
             engines["llama.cpp+lora"] = llama_cpp.Llama(**common, lora_path=str(lora_file))
             print(f"llama-cpp-python {llama_cpp.__version__}")
     prompt = ids[0].tolist()
     runs = {}
+    n = args.tokens
     for adapter in (None, args.adapter):
         label = "adapter" if adapter else "base"
-        todo = {"lorart": lambda a=adapter: lorart_run(model, ids, args.tokens, a, True)}
-        if not args.no_hf:
-            todo["lorart (HF loop)"] = lambda a=adapter: lorart_run(model, ids, args.tokens, a,
-                                                                    False)
+        todo = {"lorart": lambda a=adapter: lorart_run(model, ids, n, a, True),
+                "lorart float32-act": lambda a=adapter: lorart_run(model, ids, n, a, True,
+                                                                   "float32"),
+                "lorart int8-act": lambda a=adapter: lorart_run(model, ids, n, a, True,
+                                                                "int8")}
+        if args.hf:
+            todo["lorart (HF loop)"] = lambda a=adapter: lorart_run(model, ids, n, a, False,
+                                                                    "float32")
         llm = engines.get("llama.cpp+lora" if adapter else "llama.cpp")
         if llm is not None:
-            todo["llama.cpp"] = lambda llm=llm: llamacpp_run(llm, prompt, args.tokens)
-        for f in todo.values():  # warm-up
-            f()
+            todo["llama.cpp"] = lambda llm=llm: llamacpp_run(llm, prompt, n)
+        for name in todo:  # warm-up (builds the decoder, faults the weights in): 8 tokens
+            warm = {"llama.cpp": lambda llm=llm: llamacpp_run(llm, prompt, 8)}.get(
+                name, lambda a=adapter, name=name: lorart_run(
+                    model, ids, 8, a, name != "lorart (HF loop)",
+                    {"lorart": None, "lorart int8-act": "int8"}.get(name, "float32")))
+            warm()
         results = {name: [] for name in todo}
         for _ in range(args.rounds):
             for name, f in todo.items():
                 results[name].append(f())
         runs[label] = results
     os.environ.pop("LORART_FAST_DECODE", None)
+    os.environ.pop("LORART_DECODE_ACTIVATIONS", None)
 
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
-            "tokens": args.tokens, "prompt_tokens": len(prompt), "adapter": args.adapter,
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": threads,
+            "tokens": n, "prompt_tokens": len(prompt), "adapter": args.adapter,
             "torch": torch.__version__, "cpu_isa": cpu_isa(),
             "load_avg": os.getloadavg()[0]}
     print(f"\n{meta}")
-    records = []
+    records, summary = [], []
     for label, results in runs.items():
-        print(f"\n== {label}: decode tok/s (median of {args.rounds}), end-to-end tok/s")
-        ref_tokens = results["lorart"][-1][2]
+        print(f"\n== {label}, {threads} thread(s): decode tok/s (median of {args.rounds}), "
+              f"end-to-end tok/s")
+        adapter = args.adapter if label == "adapter" else None
+        exact = results["lorart float32-act"][-1][2]  # = transformers' greedy tokens
+        theirs = results["llama.cpp"][-1][2] if "llama.cpp" in results else None
         # lorart's own answer without EOS suppression: where it would stop by itself
-        natural = model.generate(ids, max_new_tokens=args.tokens, do_sample=False,
-                                 adapter_names=[args.adapter if label == "adapter" else
-                                                "__base__"])
+        natural = model.generate(ids, max_new_tokens=n, do_sample=False,
+                                 adapter_names=[adapter or "__base__"])
         ref_answer = until_eos(natural[0, ids.shape[1]:].tolist(), tok.eos_token_id)
         med = {name: statistics.median(r[0] for r in rs) for name, rs in results.items()}
         for name, rs in results.items():
             e2e = statistics.median(r[1] for r in rs)
-            equal, prefix = same_tokens(rs[-1][2], ref_tokens)
+            tokens = rs[-1][2]
+            vs_exact, prefix = same_tokens(tokens, exact)
+            vs_llama = None if theirs is None else same_tokens(tokens, theirs)[0]
             # lorart suppresses EOS for the timed run (min_new_tokens); llama.cpp does not.
             # The answers compare up to each one's first EOS (the text a user sees).
-            answer = ref_answer if name.startswith("lorart") else until_eos(
-                rs[-1][2], tok.eos_token_id)
-            same_answer = answer == ref_answer
+            if name == "llama.cpp":
+                answer = until_eos(tokens, tok.eos_token_id)
+            else:  # EOS suppressed: compare the tokens before lorart's natural EOS
+                core = ref_answer[:-1] if ref_answer[-1:] == [tok.eos_token_id] else ref_answer
+                answer = ref_answer if tokens[:len(core)] == core else tokens
             gap = None
-            if prefix < min(len(answer), len(ref_answer)) and not same_answer:
-                adapter = args.adapter if label == "adapter" else None
-                gap = logit_gap(model, ids, ref_tokens, prefix, rs[-1][2][prefix], adapter)
+            if name == "llama.cpp" and prefix < min(len(tokens), len(exact)):
+                gap = logit_gap(model, ids, exact, prefix, tokens[prefix], adapter)
             rec = {"bench": "vs_llamacpp", "case": label, "engine": name,
                    "decode_tok_s": med[name], "e2e_tok_s": e2e,
-                   "decode_tok_s_all": [r[0] for r in rs], "same_tokens_as_lorart": equal,
-                   "same_prefix": prefix, "answer_tokens": len(answer),
-                   "answer_same_as_lorart": same_answer, "logit_gap_at_divergence": gap,
-                   **meta}
+                   "decode_tok_s_all": [r[0] for r in rs],
+                   "same_tokens_as_transformers": vs_exact, "same_prefix": prefix,
+                   "same_tokens_as_llamacpp": vs_llama,
+                   "answer_tokens": len(answer), "answer_same_as_lorart": answer == ref_answer,
+                   "logit_gap_at_divergence": gap, **meta}
             records.append(rec)
-            why = "" if gap is None else f", lorart's logit gap there {gap:.3f}"
-            print(f"  {name:18s} {med[name]:7.1f}  {e2e:7.1f}   same tokens as lorart: "
-                  f"{equal}/{args.tokens} (common prefix {prefix}{why}); answer up to EOS "
-                  f"{len(answer)} tokens, {'same' if same_answer else 'differs'}")
-        if "llama.cpp" in med:
-            print(f"  lorart / llama.cpp decode: {med['lorart'] / med['llama.cpp']:.2f}x")
+            why = "" if gap is None else f", float32 logit gap there {gap:.3f}"
+            print(f"  {name:18s} {med[name]:7.1f}  {e2e:7.1f}   same tokens as transformers: "
+                  f"{vs_exact}/{n} (prefix {prefix}{why})"
+                  + ("" if vs_llama is None else f", as llama.cpp: {vs_llama}/{n}")
+                  + f"; answer up to EOS: {len(answer)} tokens, "
+                  + ("same as lorart's" if answer == ref_answer else "differs from lorart's"))
         for name, rs in results.items():
             print(f"  --- {name}: {tok.decode(rs[-1][2])!r}")
+        summary.append({"case": label, "threads": threads, "load_avg": meta["load_avg"],
+                        "date": meta["date"], "tok_s": med,
+                        "same_as_llamacpp": {r["engine"]: r["same_tokens_as_llamacpp"]
+                                             for r in records if r["case"] == label},
+                        "same_as_transformers": {r["engine"]: r["same_tokens_as_transformers"]
+                                                 for r in records if r["case"] == label},
+                        "llamacpp_answer_same": any(r["answer_same_as_lorart"] for r in records
+                                                    if r["case"] == label
+                                                    and r["engine"] == "llama.cpp")})
     if args.profile:
         for adapter in (None, args.adapter):
-            prof = profile_step(model, adapter, args.threads)
+            prof = profile_step(model, adapter, threads)
             print(f"\n== one decode step at position 100, adapter={adapter}: "
                   + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in prof.items()))
@@ -270,7 +361,42 @@ def main(argv=None) -> int:
         with args.out.open("a") as f:
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
+    if args.summary_out:
+        args.summary_out.write_text(json.dumps(summary))
+    else:
+        print_summary(summary, n)
     return 0
+
+
+def print_summary(summary: list[dict], n: int) -> None:
+    """The issue's targets, one line per (threads, case), then the adapter's cost."""
+    print("\n================ SUMMARY: batch-1 greedy decode, lorart / llama.cpp "
+          "(ratios from one side-by-side run; machine state: load average) ================")
+    print(f"{'threads':>7} {'case':8} {'lorart':>8} {'llama.cpp':>9} {'ratio':>6} {'target':>7}"
+          f" {'met':>4}  same tokens lorart~llama.cpp  | float32-act ratio, int8-act ratio")
+    for rec in summary:
+        t = rec["tok_s"]
+        lc = t.get("llama.cpp")
+        ratio = None if lc is None else t["lorart"] / lc
+        target = TARGETS[rec["case"]]
+        met = "-" if ratio is None else ("yes" if ratio >= target else "no")
+        same = rec["same_as_llamacpp"].get("lorart")
+        others = ", ".join(f"{t[e] / lc:.2f}x" for e in ("lorart float32-act", "lorart int8-act")
+                           if lc and e in t)
+        print(f"{rec['threads']:>7} {rec['case']:8} {t['lorart']:8.1f} "
+              f"{lc if lc is not None else float('nan'):9.1f} "
+              f"{ratio if ratio is not None else float('nan'):5.2f}x {target:6.1f}x {met:>4}  "
+              f"{same if same is not None else '-'}/{n} (target >= {round(60 * n / 64)}), "
+              f"answer up to EOS "
+              f"{'same' if rec['llamacpp_answer_same'] else 'differs'} | {others}"
+              f"   (load {rec['load_avg']:.1f})")
+    for threads in sorted({r["threads"] for r in summary}):
+        by = {r["case"]: r["tok_s"] for r in summary if r["threads"] == threads}
+        if "base" in by and "adapter" in by:
+            cost = {e: 1 - by["adapter"][e] / by["base"][e] for e in by["base"]
+                    if e in by["adapter"]}
+            print(f"adapter cost at {threads} thread(s) (tok/s lost, target for lorart < 10%): "
+                  + ", ".join(f"{e} {100 * c:.0f}%" for e, c in cost.items()))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -23,6 +24,7 @@
 #endif
 
 #include "common/quant_math.h"
+#include "cpu/decode_plan.h"  // decode (#15)
 #include "cpu/int8_cpu.h"
 #include "cpu/lora_cpu.h"
 
@@ -364,6 +366,198 @@ void int8_dequantize(int64_t n, int64_t k, const Buffer& codes, const Buffer& sc
 }
 // ---- end formats (#14) ------------------------------------------------------------------
 
+// ---- decode (#15): the batch-1 decode step in C++ (csrc/cpu/decode_plan.h) -------------
+// Built once per decode session by lorart/runtime/cplan.py: every buffer is checked here
+// against the shapes, then the plan keeps the pointers (Python keeps the tensors alive).
+using lorart::cpu::DecodePlan;
+
+std::unique_ptr<DecodePlan> make_plan(int64_t n_head, int64_t n_kv, int64_t head_dim,
+                                      int64_t hidden, int64_t inter, int64_t max_len, int64_t vocab,
+                                      double attn_scale, const Buffer& cos, const Buffer& sin,
+                                      const Buffer& final_norm, double final_eps) {
+  if (n_head <= 0 || n_kv <= 0 || n_head % n_kv != 0)
+    throw std::invalid_argument("decode plan: n_head must be a positive multiple of n_kv");
+  if (head_dim <= 0 || head_dim > 512 || head_dim % 2 != 0)
+    throw std::invalid_argument("decode plan: head_dim must be even and <= 512");
+  if (hidden <= 0 || inter <= 0 || max_len <= 0 || vocab <= 0)
+    throw std::invalid_argument("decode plan: hidden, inter, max_len, vocab must be > 0");
+  lorart::cpu::PlanDims d;
+  d.n_head = n_head;
+  d.n_kv = n_kv;
+  d.head_dim = head_dim;
+  d.hidden = hidden;
+  d.inter = inter;
+  d.max_len = max_len;
+  d.vocab = vocab;
+  d.attn_scale = static_cast<float>(attn_scale);
+  d.cos = ptr<float>(checked(cos, max_len * head_dim, "cos [max_len, head_dim]"));
+  d.sin = ptr<float>(checked(sin, max_len * head_dim, "sin [max_len, head_dim]"));
+  d.final_norm = ptr<float>(checked(final_norm, hidden, "final_norm [H]"));
+  d.final_eps = static_cast<float>(final_eps);
+  return std::make_unique<DecodePlan>(d);
+}
+
+// A 4-bit or dense (scheme -1) float32 linear group, with its one adapter folded in.
+int plan_add_linear(DecodePlan& plan, int64_t n, int64_t k, int scheme, const Buffer& weight,
+                    const Buffer& scales, const Buffer& offsets, int scale_dtype, int group_size,
+                    const Buffer& bias, const Buffer& a, const Buffer& b, int64_t total_rank,
+                    std::vector<int64_t> rank_offsets, std::vector<float> lora_scales) {
+  lorart::cpu::PlanLinear l;
+  l.n = n;
+  l.k = k;
+  l.f.dtype = DType::kF32;
+  l.f.ldx = k;
+  l.f.ldy = n;
+  l.f.bias = ptr<void>(checked(bias, n, "bias [N]", true));
+  l.f.w = weight_args(n, k, scheme, weight, scales, offsets, scale_dtype, group_size);
+  l.f.lora = adapter_args(1, n, k, a, b, total_rank, plan.keep_offsets(std::move(rank_offsets)),
+                          plan.keep_scales(std::move(lora_scales)), Buffer{0, 0});
+  return plan.add_linear(l);
+}
+
+// An 8-bit (int8 layout) float32 linear group (the Q8_0 output layer).
+int plan_add_int8_linear(DecodePlan& plan, int64_t n, int64_t k, const Buffer& codes,
+                         const Buffer& scales, const Buffer& offsets, int scale_dtype,
+                         int group_size, const Buffer& bias) {
+  lorart::cpu::PlanLinear l;
+  l.int8 = true;
+  l.n = n;
+  l.k = k;
+  l.f8.dtype = DType::kF32;
+  l.f8.ldx = k;
+  l.f8.ldy = n;
+  l.f8.bias = ptr<void>(checked(bias, n, "bias [N]", true));
+  l.f8.w = int8_weight_args(n, k, codes, scales, offsets, scale_dtype, group_size);
+  return plan.add_linear(l);
+}
+
+// The adapter of linear `idx`, applied after its base kernel: a [rank, K], bt [rank, N]
+// (float32, scale folded in), bt[r] nonzero only in columns lo[r]..hi[r].
+void plan_set_lora(DecodePlan& plan, int idx, const Buffer& a, const Buffer& bt, int64_t rank,
+                   std::vector<int64_t> lo, std::vector<int64_t> hi) {
+  if (idx < 0 || idx >= static_cast<int>(plan.linears().size()))
+    throw std::invalid_argument("set_lora: no such linear in the plan");
+  lorart::cpu::PlanLinear& l = plan.linear_at(idx);
+  if (l.rank != 0 || (!l.int8 && l.f.lora.a != nullptr))
+    throw std::invalid_argument("set_lora: the linear already has an adapter");
+  if (rank < 0 || static_cast<int64_t>(lo.size()) != rank ||
+      static_cast<int64_t>(hi.size()) != rank)
+    throw std::invalid_argument("set_lora: lo and hi need one entry per rank");
+  for (int64_t r = 0; r < rank; ++r)
+    if (lo[r] < 0 || lo[r] > hi[r] || hi[r] > l.n)
+      throw std::invalid_argument("set_lora: column range of rank " + std::to_string(r) +
+                                  " outside 0..N");
+  l.lora_a = ptr<float>(checked(a, rank * l.k, "a [rank, K]"));
+  l.lora_bt = ptr<float>(checked(bt, rank * l.n, "bt [rank, N]"));
+  l.rank = rank;
+  l.lo = std::move(lo);
+  l.hi = std::move(hi);
+}
+
+// Switch linear `idx` to int8 activations (decode_q8.h); false (unchanged) when its
+// weight is not a group-32 asym/sym 4-bit or 8-bit layout.
+bool plan_set_q8(DecodePlan& plan, int idx, int bits) {
+  if (bits != 8 && bits != 16) throw std::invalid_argument("set_q8: bits must be 8 or 16");
+  if (idx < 0 || idx >= static_cast<int>(plan.linears().size()))
+    throw std::invalid_argument("set_q8: no such linear in the plan");
+  lorart::cpu::PlanLinear& l = plan.linear_at(idx);
+  lorart::cpu::Q8Weight q;
+  q.n = l.n;
+  q.k = l.k;
+  if (l.int8) {
+    const auto& w = l.f8.w;
+    if (w.group_size != 32) return false;
+    q.int8 = true;
+    q.codes = reinterpret_cast<const uint8_t*>(w.q);
+    q.scales = w.scales;
+    q.offsets = w.offsets;
+    q.scales_f16 = w.scale_dtype == DType::kF16;
+  } else {
+    const auto& w = l.f.w;
+    if (!w.quantized || w.group_size != 32 || (w.scheme != 0 && w.scheme != 1)) return false;
+    q.codes = w.qweight;
+    q.scales = w.scales;
+    q.offsets = w.offsets;
+    q.scales_f16 = w.scale_dtype == DType::kF16;
+    q.sym = w.scheme == 1;
+  }
+  l.qw = q;
+  l.q8 = true;
+  l.q8_bits = bits;
+  return true;
+}
+
+// y [N] = the int8-activation GEMV of decode_q8.h (tests: vnni false = scalar reference).
+void q8_gemv_binding(int64_t n, int64_t k, bool int8, const Buffer& codes, const Buffer& scales,
+                     const Buffer& offsets, bool scales_f16, bool sym, const Buffer& x,
+                     const Buffer& y, bool vnni, int bits) {
+  if (bits != 8 && bits != 16) throw std::invalid_argument("q8_gemv: bits must be 8 or 16");
+  if (n < 0 || k <= 0 || k % 32 != 0)
+    throw std::invalid_argument("q8_gemv: K must be a positive multiple of 32");
+  if (vnni && !lorart::cpu::q8_has_vnni())
+    throw std::invalid_argument("q8_gemv: this CPU has no AVX512-VNNI");
+  lorart::cpu::Q8Weight w;
+  w.n = n;
+  w.k = k;
+  w.int8 = int8;
+  w.codes = ptr<uint8_t>(checked(codes, int8 ? n * k : n * k / 2, "codes"));
+  w.scales = ptr<void>(checked(scales, n * (k / 32), "scales [N, K/32]"));
+  w.offsets = ptr<void>(checked(offsets, n * (k / 32), "offsets [N, K/32]", true));
+  w.scales_f16 = scales_f16;
+  w.sym = sym;
+  const float* xp = ptr<float>(checked(x, k, "x [K]"));
+  float* yp = reinterpret_cast<float*>(checked(y, n, "y [N]"));
+  py::gil_scoped_release release;
+  lorart::cpu::Q8Activation xq;
+  lorart::cpu::q8_quantize(xp, k, int8, &xq, vnni, bits);
+  lorart::cpu::q8_gemv(w, xq, yp, vnni);
+}
+
+void plan_check_linear(const DecodePlan& plan, int idx, int64_t n, int64_t k, const char* what) {
+  if (idx < 0 || idx >= static_cast<int>(plan.linears().size()))
+    throw std::invalid_argument(std::string(what) + ": no such linear in the plan");
+  const auto& l = plan.linears()[static_cast<size_t>(idx)];
+  if (l.n != n || l.k != k)
+    throw std::invalid_argument(std::string(what) + " must be [" + std::to_string(n) + ", " +
+                                std::to_string(k) + "], got [" + std::to_string(l.n) + ", " +
+                                std::to_string(l.k) + "]");
+}
+
+void plan_add_layer(DecodePlan& plan, const Buffer& attn_norm, double attn_eps,
+                    const Buffer& mlp_norm, double mlp_eps, int qkv, int o, int gate_up, int down,
+                    const Buffer& k_cache, const Buffer& v_cache) {
+  const auto& d = plan.dims();
+  plan_check_linear(plan, qkv, (d.n_head + 2 * d.n_kv) * d.head_dim, d.hidden, "qkv");
+  plan_check_linear(plan, o, d.hidden, d.n_head * d.head_dim, "o");
+  plan_check_linear(plan, gate_up, 2 * d.inter, d.hidden, "gate_up");
+  plan_check_linear(plan, down, d.hidden, d.inter, "down");
+  lorart::cpu::PlanLayer l;
+  l.attn_norm = ptr<float>(checked(attn_norm, d.hidden, "attn_norm [H]"));
+  l.mlp_norm = ptr<float>(checked(mlp_norm, d.hidden, "mlp_norm [H]"));
+  l.attn_eps = static_cast<float>(attn_eps);
+  l.mlp_eps = static_cast<float>(mlp_eps);
+  l.qkv = qkv;
+  l.o = o;
+  l.gate_up = gate_up;
+  l.down = down;
+  const int64_t cache = d.n_kv * d.max_len * d.head_dim;
+  l.k_cache = reinterpret_cast<float*>(checked(k_cache, cache, "k_cache [n_kv, max_len, hd]"));
+  l.v_cache = reinterpret_cast<float*>(checked(v_cache, cache, "v_cache [n_kv, max_len, hd]"));
+  plan.add_layer(l);
+}
+
+void plan_step(DecodePlan& plan, const Buffer& x, int64_t pos, const Buffer& logits) {
+  const auto& d = plan.dims();
+  if (plan.dims().lm_head < 0) throw std::invalid_argument("decode plan: no lm_head set");
+  float* xp = reinterpret_cast<float*>(checked(x, d.hidden, "x [H]"));
+  float* lp = reinterpret_cast<float*>(checked(logits, d.vocab, "logits [vocab]"));
+  const KernelTable* table = active().load();
+  const lorart::cpu::Int8KernelTable* table8 = int8_table();
+  py::gil_scoped_release release;
+  plan.step(table, table8, xp, pos, lp);
+}
+// ---- end decode (#15) -------------------------------------------------------------------
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -409,4 +603,40 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scales"), py::arg("offsets"), py::arg("scale_dtype"), py::arg("group_size"),
         py::arg("n0"), py::arg("n1"), py::arg("out"), py::arg("dtype"),
         "Rows of an 8-bit W, dequantized");
+
+  // decode (#15): the batch-1 decode step in C++ (lorart/runtime/cplan.py builds it).
+  m.def("cpu_q8_gemv", &q8_gemv_binding, py::arg("n"), py::arg("k"), py::arg("int8"),
+        py::arg("codes"), py::arg("scales"), py::arg("offsets"), py::arg("scales_f16"),
+        py::arg("sym"), py::arg("x"), py::arg("y"), py::arg("vnni"), py::arg("bits") = 8,
+        "y [N] = W x with x rounded to int8 per group of 32 (decode_q8.h)");
+  m.def("cpu_has_vnni", &lorart::cpu::q8_has_vnni, "Whether AVX512-VNNI kernels run here");
+  py::class_<DecodePlan>(m, "DecodePlan", "Batch-1 Llama decode step over the kernel tables")
+      .def(py::init(&make_plan), py::arg("n_head"), py::arg("n_kv"), py::arg("head_dim"),
+           py::arg("hidden"), py::arg("inter"), py::arg("max_len"), py::arg("vocab"),
+           py::arg("attn_scale"), py::arg("cos"), py::arg("sin"), py::arg("final_norm"),
+           py::arg("final_eps"))
+      .def("add_linear", &plan_add_linear, py::arg("n"), py::arg("k"), py::arg("scheme"),
+           py::arg("weight"), py::arg("scales"), py::arg("offsets"), py::arg("scale_dtype"),
+           py::arg("group_size"), py::arg("bias"), py::arg("a"), py::arg("b"),
+           py::arg("total_rank"), py::arg("rank_offsets"), py::arg("lora_scales"))
+      .def("add_int8_linear", &plan_add_int8_linear, py::arg("n"), py::arg("k"), py::arg("codes"),
+           py::arg("scales"), py::arg("offsets"), py::arg("scale_dtype"), py::arg("group_size"),
+           py::arg("bias"))
+      .def("set_lora", &plan_set_lora, py::arg("index"), py::arg("a"), py::arg("bt"),
+           py::arg("rank"), py::arg("lo"), py::arg("hi"))
+      .def("set_q8", &plan_set_q8, py::arg("index"), py::arg("bits") = 8,
+           "Int8 activations for this linear; False when its layout has no such kernel")
+      .def("add_layer", &plan_add_layer, py::arg("attn_norm"), py::arg("attn_eps"),
+           py::arg("mlp_norm"), py::arg("mlp_eps"), py::arg("qkv"), py::arg("o"),
+           py::arg("gate_up"), py::arg("down"), py::arg("k_cache"), py::arg("v_cache"))
+      .def(
+          "set_lm_head",
+          [](DecodePlan& plan, int idx) {
+            const auto& d = plan.dims();
+            plan_check_linear(plan, idx, d.vocab, d.hidden, "lm_head");
+            plan.dims().lm_head = idx;
+          },
+          py::arg("index"))
+      .def("step", &plan_step, py::arg("x"), py::arg("pos"), py::arg("logits"),
+           "x [H] (embedding in, final hidden state out), logits [vocab] out");
 }

@@ -379,3 +379,43 @@ class CpuBackend(Backend):
             lora_scales, ids_of(batch), need_dx, need_dlora and lora is not None)
         with_lora = need_dlora and lora is not None
         return (dx if need_dx else None, da if with_lora else None, db if with_lora else None)
+
+
+# --------------------------------------------------------------------------- decode (#15)
+def kernel_weight_args(base: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> dict | None:
+    """The keyword arguments that describe ``base`` to the ``lorart._C`` kernels, for
+    callers that bind a layer once and call the kernel many times (``lorart.runtime``).
+
+    ``{"int8": False, n, k, scheme, weight, scales, offsets, scale_dtype, group_size}`` for a
+    dense or 4-bit base (``cpu_forward``, ``DecodePlan.add_linear``); ``{"int8": True, n, k,
+    codes, scales, offsets, scale_dtype, group_size}`` for the 8-bit layout
+    (``DecodePlan.add_int8_linear``); ``None`` where no C++ kernel takes ``base`` with
+    activations of ``dtype``. Buffers are ``(pointer, elements)``: the caller keeps the
+    tensors alive and contiguous (``base`` is made contiguous by the caller, not here).
+    """
+    if dtype not in _DTYPE_CODE:
+        return None
+    if isinstance(base, QuantizedWeight):
+        if base.device.type != "cpu" or base.scales.dtype not in _SCALE_DTYPE_CODE:
+            return None
+        tensors = [base.qweight, base.scales, base.offsets]
+        if not all(t is None or t.is_contiguous() for t in tensors):
+            return None
+        if is_int8(base):
+            return dict(int8=True, n=base.qweight.shape[0], k=base.qweight.shape[1],
+                        codes=_buf(base.qweight), scales=_buf(base.scales),
+                        offsets=_buf(base.offsets),
+                        scale_dtype=_SCALE_DTYPE_CODE[base.scales.dtype],
+                        group_size=base.group_size)
+        from .base import SCHEME_IDS
+
+        return dict(int8=False, **_weight_args(base.qweight, base.scales, base.offsets,
+                                               SCHEME_IDS[base.scheme], base.group_size))
+    if base.device.type != "cpu" or base.dtype != dtype or not base.is_contiguous():
+        return None
+    return dict(int8=False, **_weight_args(base, None, None, _DENSE, 0))
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The ``dtype`` argument of the ``lorart._C`` kernels for activations of ``dtype``."""
+    return _DTYPE_CODE[dtype]

@@ -3,6 +3,7 @@ and PEFT ``adapter_names`` on the float32 model, side by side in one run.
 
     python benchmarks/bench_generate.py                 # batch 16, 1/4/16 adapters, 32 tokens
     python benchmarks/bench_generate.py --new-tokens 16 --repeats 1 --out bench-out/gen.jsonl
+    python benchmarks/bench_generate.py --batch 1 --adapters 1   # lorart's batch-1 decoder
 
 All three serve the SAME adapters (random PEFT adapters, saved once and loaded into lorart)
 on the SAME base weights: lorart 4-bit keeps the GGUF's exact Q4_1 codes; lorart dense and
@@ -76,7 +77,10 @@ def make_adapters(float_model, count: int, rank: int, root: Path):
 
 
 def timed_generate(model, batch, names, new_tokens, repeats, pad_id):
-    """``(best seconds, output ids)`` of ``repeats`` greedy ``generate`` calls."""
+    """``(best seconds, output ids)`` of ``repeats`` greedy ``generate`` calls.
+
+    At ``--batch 1`` the lorart models' ``generate`` takes the lean batch-1 decoder
+    (``lorart.runtime``; ``decode_path`` in the record says which loop ran)."""
     best, out = float("inf"), None
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
               pad_token_id=pad_id, adapter_names=names)
@@ -147,10 +151,11 @@ def run(adapter_counts: list[int], batch_size: int, new_tokens: int, rank: int,
                 lorart.load_adapter(models[variant], d, f"a{i}")
         for count in adapter_counts:
             names = [f"a{i % count}" for i in range(batch_size)]
-            seconds, outs = {}, {}
+            seconds, outs, paths = {}, {}, {}
             for variant, model in models.items():
                 seconds[variant], outs[variant] = timed_generate(
                     model, batch, names, new_tokens, repeats, tok.pad_token_id)
+                paths[variant] = getattr(model.generate, "last_path", "transformers")
             tokens = batch_size * new_tokens
             rec = {"bench": "generate", "model": "SmolLM2-135M-Instruct", "batch": batch_size,
                    "adapters": count, "rank": rank, "new_tokens": new_tokens,
@@ -161,7 +166,7 @@ def run(adapter_counts: list[int], batch_size: int, new_tokens: int, rank: int,
                    "same_tokens_fraction": {
                        v: (outs[v] == outs["peft"]).all(-1).float().mean().item()
                        for v in ("lorart_q4", "lorart_dense")},
-                   "context": ctx}
+                   "decode_path": paths, "context": ctx}
             records.append(rec)
             t = rec["tok_s"]
             print(f"{count:>3} adapters: lorart 4-bit {t['lorart_q4']:7.1f}  lorart fp32 "
@@ -169,7 +174,8 @@ def run(adapter_counts: list[int], batch_size: int, new_tokens: int, rank: int,
                   f"x{rec['kernel_speedup']:.2f}  4-bit x{rec['q4_speedup']:.2f}  total "
                   f"x{rec['speedup']:.2f}   same greedy tokens as PEFT: "
                   + ", ".join(f"{v} {100 * f:.0f}%"
-                              for v, f in rec["same_tokens_fraction"].items()), flush=True)
+                              for v, f in rec["same_tokens_fraction"].items())
+                  + f"   decode loop: lorart {paths['lorart_q4']}", flush=True)
     mem = {"bench": "weights", "base_bytes": weights, "linear_bytes": linear,
            "ratio": weights["peft"] / weights["lorart_q4"],
            "linear_ratio": linear["peft"] / linear["lorart_q4"], "load_s": load_s,

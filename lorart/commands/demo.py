@@ -8,7 +8,8 @@ uses a different adapter (and one uses none).
 Loads SmolLM2-135M-Instruct (Q4_1 GGUF, exact 4-bit weights) with a progress bar,
 attaches the adapters (PEFT format), answers the batch with greedy decoding in one
 ``generate(..., adapter_names=[...])`` call and prints each answer with its adapter
-and the batch's tokens/s.
+and the batch's tokens/s; then answers the first prompt alone, which ``generate`` serves
+with lorart's batch-1 decoder (``lorart.runtime``), and prints its tokens/s.
 """
 
 from __future__ import annotations
@@ -132,6 +133,25 @@ def generate_batch(model, tokenizer, prompts: list[str], adapter_names: list[str
     return answers, counts, seconds
 
 
+def generate_one(model, tokenizer, prompt: str, adapter: str, max_new_tokens: int):
+    """One prompt with one adapter: ``generate`` takes lorart's lean batch-1 decoder
+    (``lorart.runtime``). Returns ``(answer, new_tokens, seconds, path)``; ``path`` is the
+    loop that ran (``"lorart"`` or ``"transformers"``)."""
+    import torch
+
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                        add_generation_prompt=True, return_tensors="pt")
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, adapter_names=[adapter], max_new_tokens=max_new_tokens,
+                             do_sample=False)
+    seconds = time.perf_counter() - start
+    row = out[0, ids.shape[1]:].tolist()
+    path = getattr(model.generate, "last_path", "transformers")
+    return tokenizer.decode(row, skip_special_tokens=True).strip(), len(row), seconds, path
+
+
 def check_arguments(args: argparse.Namespace) -> tuple[list[tuple[str, Path]], int]:
     """Everything that can be checked before the model loads: ``(adapters, n_random)``."""
     from ._checks import adapter_dir, check_environment, check_model_libraries, gguf_path
@@ -200,6 +220,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{total} new tokens for {len(prompts)} sequences in {seconds:.2f} s: "
           f"{total / seconds:.1f} tokens/s for the batch "
           f"({len(set(per_prompt) - {'__base__'})} adapters + base in one generate call)")
+    # One prompt alone: the batch-1 decode path (a static KV cache and one C++ call per token).
+    answer, n, seconds, path = generate_one(model, tok, prompts[0], per_prompt[0],
+                                            args.max_new_tokens)
+    label = "no adapter" if per_prompt[0] == "__base__" else f"adapter {per_prompt[0]}"
+    print(f"\nthe first prompt alone ({label}, batch 1, {path}'s decode loop): {n} tokens "
+          f"in {seconds:.2f} s, {n / seconds:.1f} tokens/s\n  -> {answer}")
     return 0
 
 

@@ -171,36 +171,81 @@ class BoundLinear:
         self.device = group.device
         self.lora_a, self.lora_b = lora_a, lora_b
         self.key: tuple = ()
-        self._cpu_args = self._bind_cpu() if self.device.type == "cpu" else None
+        # The C++ kernel's view of the base (None: off CPU, or no C++ kernel takes it).
+        self.kernel_args = self._kernel_args() if self.device.type == "cpu" else None
+        self._cpu_args = self._bind_cpu()
 
-    def _bind_cpu(self) -> tuple | None:
-        """``(cpu_forward, fixed keyword arguments)`` (None: use the op surface)."""
+    def _kernel_args(self) -> dict | None:
         try:
-            from .._C import cpu_forward
             from ..backend import cpu as cpu_backend
-            from ..backend.base import SCHEME_IDS
-        except ImportError:
-            return None
-        if self.dtype not in cpu_backend._DTYPE_CODE:
+        except ImportError:  # no compiled backend
             return None
         base = self.base
-        if isinstance(base, QuantizedWeight):
-            if base.scheme not in _FUSED_4BIT or cpu_backend.CpuBackend().unsupported(
-                    torch.empty(1, base.shape[1], dtype=self.dtype), base, None) is not None:
-                return None
-            weight_args = cpu_backend._weight_args(
-                base.qweight, base.scales, base.offsets, SCHEME_IDS[base.scheme],
-                base.group_size)
-        else:
-            weight_args = cpu_backend._weight_args(base, None, None, cpu_backend._DENSE, 0)
+        if isinstance(base, QuantizedWeight) and base.scheme not in (*_FUSED_4BIT, "int8"):
+            return None
+        return cpu_backend.kernel_weight_args(base, self.dtype)
+
+    def _adapter_args(self) -> dict:
+        """The adapter's keyword arguments of the C++ kernels (scale folded into B)."""
+        from ..backend.base import buffer
+
         rank = 0 if self.lora_b is None else self.lora_b.shape[1]
-        fixed = dict(dtype=cpu_backend._DTYPE_CODE[self.dtype], ldx=self.in_features,
-                     **weight_args, a=cpu_backend._buf(self.lora_a),
-                     b=cpu_backend._buf(self.lora_b), total_rank=rank,
-                     rank_offsets=[0, rank] if rank else [0], lora_scales=[1.0] if rank else [],
-                     adapter_ids=(0, 0), ldy=self.out_features,
+        return dict(a=buffer(self.lora_a), b=buffer(self.lora_b), total_rank=rank,
+                    rank_offsets=[0, rank] if rank else [0], lora_scales=[1.0] if rank else [])
+
+    def _bind_cpu(self) -> tuple | None:
+        """``(cpu_forward, fixed keyword arguments)`` for the eager 4-bit/dense call
+        (None: the op surface serves the call, e.g. the 8-bit layout)."""
+        args = self.kernel_args
+        if args is None or args["int8"]:
+            return None
+        from .._C import cpu_forward
+        from ..backend import cpu as cpu_backend
+
+        weight = {k: v for k, v in args.items() if k != "int8"}
+        fixed = dict(dtype=cpu_backend.dtype_code(self.dtype), ldx=self.in_features, **weight,
+                     **self._adapter_args(), adapter_ids=(0, 0), ldy=self.out_features,
                      decode_max_rows=cpu_backend.DECODE_MAX_ROWS)
         return cpu_forward, fixed
+
+    def add_to_plan(self, plan, keep: list) -> int | None:
+        """Register this group in a ``lorart._C.DecodePlan``; its index there, or None when
+        the plan's kernels cannot run it (the caller then keeps the Python step). Every
+        tensor the plan points into is appended to ``keep``, which must live as long as
+        the plan (sessions on other threads may rebuild this object's caches meanwhile)."""
+        from ..backend.base import buffer
+
+        args = self.kernel_args
+        if args is None or self.dtype != torch.float32:
+            return None
+        weight = {k: v for k, v in args.items() if k != "int8"}
+        if args["int8"]:
+            index = plan.add_int8_linear(**weight, bias=buffer(self.bias))
+        else:
+            index = plan.add_linear(**weight, bias=buffer(self.bias), a=(0, 0), b=(0, 0),
+                                    total_rank=0, rank_offsets=[0], lora_scales=[])
+        keep.append(self)  # holds base, bias (and the kernel arguments' tensors)
+        if self.lora_b is not None:
+            a, bt, lo, hi = self._plan_lora()
+            keep += [a, bt]
+            plan.set_lora(index=index, a=buffer(a), bt=buffer(bt), rank=bt.shape[0], lo=lo,
+                          hi=hi)
+        return index
+
+    def _plan_lora(self) -> tuple:
+        """``(A [R, K], Bᵀ [R, N], lo, hi)`` float32 for ``DecodePlan.set_lora``: each rank's
+        nonzero columns ``[lo_r, hi_r)`` (q/k/v's B is block-diagonal). Built once."""
+        cached = self.__dict__.get("_plan_lora_args")
+        if cached is None:
+            bt = self.lora_b.t().to(torch.float32).contiguous()
+            a = self.lora_a.to(torch.float32).contiguous()
+            nonzero = bt != 0
+            cols = torch.arange(self.out_features)
+            lo = torch.where(nonzero, cols, self.out_features).amin(1)
+            hi = torch.where(nonzero, cols + 1, 0).amax(1)
+            lo = torch.minimum(lo, hi)  # an all-zero column: the empty range [hi, hi)
+            cached = self._plan_lora_args = (a, bt, lo.tolist(), hi.tolist())
+        return cached
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``y [M, N]`` for ``x [M, K]``; ``residual [M, N]``, when given, is added."""

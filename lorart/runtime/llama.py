@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cplan import build_plan
 from .linear import BoundLinear, DecodeLinear
 
-_ROPE_TYPES = ("default", "linear", "llama3")  # static tables; "dynamic" changes per length
+_ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = ("float32", "int16", "int8")  # static tables; "dynamic" changes per length
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -53,6 +55,28 @@ def unsupported(model: nn.Module) -> str | None:
         return f"rope_type={rope_type!r} (supported: {_ROPE_TYPES})"
     if model.training:
         return "model is in training mode"
+    return _unsupported_linears(model)
+
+
+def _unsupported_linears(model: nn.Module) -> str | None:
+    """The decoder reads each projection's whole weight: only the plain layer classes it
+    knows (not subclasses), and none that holds a shard of a tensor-parallel layer."""
+    from ..embedding import QuantizedLinear, TiedQuantizedLinear
+    from ..layers import LoRALinear
+
+    known = (LoRALinear, QuantizedLinear, TiedQuantizedLinear, nn.Linear)
+    linears = [("lm_head", model.lm_head)]
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        for owner, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                             (mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                linears.append((f"layers.{i}.{name}", getattr(owner, name, None)))
+    for name, m in linears:
+        if type(m) not in known:
+            return f"{name} is a {type(m).__name__} (expected one of lorart's linear layers)"
+        if getattr(m, "tp_group", None) is not None:
+            return f"{name} is a tensor-parallel shard"
     return None
 
 
@@ -83,12 +107,20 @@ class LlamaDecoder:
             ``lorart.from_gguf``; its linear layers may be ``LoRALinear`` (4-bit or
             dense) or ``nn.Linear``.
         dtype: activation dtype; float32 (the model's own) by default.
+        activations: ``"float32"`` (transformers' arithmetic, the default), ``"int16"`` or
+            ``"int8"``: the one-token step rounds each linear layer's input to 16 / 8 bits
+            per group of 32 and runs integer dot products (``cplan.py``; int8 is llama.cpp's
+            rounding); prefill stays float32. ``FastGenerate`` uses ``"int16"``.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32,
+                 activations: str = "float32") -> None:
         why = unsupported(model)
         if why is not None:
             raise ValueError(f"LlamaDecoder cannot run this model: {why}")
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+        self.activations = activations
         config, inner = model.config, model.model
         self.model = model
         self.dtype = dtype
@@ -156,6 +188,8 @@ class DecodeSession:
         embed = d.embed_tokens
         self._embed = (embed.weight if type(embed) is nn.Embedding and embed.weight.dtype
                        == d.dtype else None)
+        # The one-token step as one C++ call where every part allows it (cplan.py).
+        self.compiled = build_plan(self)
 
     @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:
@@ -176,6 +210,10 @@ class DecodeSession:
             x = self._embed[token].unsqueeze(0)  # [1, H], a row of the table (no copy)
         else:
             x = d.embed_tokens(torch.tensor([token], device=d.device)).to(d.dtype)
+        if self.compiled is not None:  # the same step in C++; x is overwritten there
+            logits = self.compiled(x[0].clone() if self._embed is not None else x[0], pos)
+            self.pos = end
+            return logits
         cos, sin = self.cos[pos], self.sin[pos]
         for (attn_norm, attn_eps, mlp_norm, mlp_eps, scaling, qkv, o, gate_up, down,
              k_cache, v_cache) in self._plan:
@@ -235,6 +273,8 @@ def decoder_signature(model: nn.Module) -> tuple:
     weight it copied. A changed signature (merge, ``.to()``, new weights) means rebuild."""
     from ..layers import LoRALinear
 
+    if unsupported(model) is not None:  # e.g. sharded by tensor parallelism since built
+        return ("unsupported", id(model))
     sig = [id(getattr(model, "lm_head", None)),
            id(getattr(getattr(model, "model", None), "embed_tokens", None))]
     for m in model.modules():

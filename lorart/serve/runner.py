@@ -125,6 +125,28 @@ class ModelRunner:
         self.proj_paths = [{p: f"model.layers.{i}.{p}" for p in PROJECTIONS}
                            for i in range(len(self.layers))]
         self.dtype = embedding_dtype_device(inner.embed_tokens)[0]
+        # Base-only steps (no adapter in the step): q/k/v and gate/up each as ONE kernel
+        # call over a concatenated base, bound once (lorart.runtime.DecodeLinear, as the
+        # batch-1 decoder). Costs a copy of those bases (for SmolLM2 Q4_1, ~43 MB).
+        self.fused = [self._fuse(i) for i in range(len(self.layers))]
+
+    def _fuse(self, layer_idx: int) -> dict:
+        """``{"qkv": BoundLinear | None, "gate_up": ...}`` for one layer (None: the layers
+        cannot be concatenated, e.g. not plain ``LoRALinear`` or a tensor-parallel shard)."""
+        from ..runtime.linear import DecodeLinear
+
+        out = {}
+        for group, names in (("qkv", PROJECTIONS[:3]), ("gate_up", PROJECTIONS[4:6])):
+            mods = [self.proj[layer_idx][p] for p in names]
+            out[group] = None
+            if any(type(m) is not LoRALinear or getattr(m, "tp_group", None) is not None
+                   for m in mods):
+                continue
+            try:
+                out[group] = DecodeLinear(mods, self.dtype).bind(None)
+            except (ValueError, TypeError):  # bases of different kinds
+                pass
+        return out
 
     @staticmethod
     def kv_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -162,13 +184,18 @@ class ModelRunner:
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]          # [T, 1, D]
         t = h.shape[0]
         decode_plan = self._decode_plan(batch.seqs)
+        base_only = ids is None or self.slots is None
+        nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for i, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
-            q = self._linear(i, "self_attn.q_proj", x, ids).view(t, self.num_heads, self.head_dim)
-            k = self._linear(i, "self_attn.k_proj", x, ids).view(t, self.num_kv_heads,
-                                                                  self.head_dim)
-            v = self._linear(i, "self_attn.v_proj", x, ids).view(t, self.num_kv_heads,
-                                                                  self.head_dim)
+            fused = self.fused[i] if base_only else {}
+            if fused.get("qkv") is not None:
+                q, k, v = fused["qkv"](x).split([nq, nkv, nkv], dim=-1)
+            else:
+                q, k, v = (self._linear(i, f"self_attn.{p}_proj", x, ids) for p in "qkv")
+            q = q.view(t, self.num_heads, self.head_dim)
+            k = k.view(t, self.num_kv_heads, self.head_dim)
+            v = v.view(t, self.num_kv_heads, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             self.kv.k[i].index_copy_(0, batch.write_slots, k.to(self.kv.k[i].dtype))
@@ -177,8 +204,11 @@ class ModelRunner:
             h = h + self._linear(i, "self_attn.o_proj", attn, ids)
             x = layer.post_attention_layernorm(h)
             mlp = layer.mlp
-            gate = self._linear(i, "mlp.gate_proj", x, ids)
-            up = self._linear(i, "mlp.up_proj", x, ids)
+            if fused.get("gate_up") is not None:
+                gate, up = fused["gate_up"](x).chunk(2, dim=-1)
+            else:
+                gate = self._linear(i, "mlp.gate_proj", x, ids)
+                up = self._linear(i, "mlp.up_proj", x, ids)
             h = h + self._linear(i, "mlp.down_proj", mlp.act_fn(gate) * up, ids)
         last = inner.norm(h.index_select(0, batch.sample_rows))    # [R, H]
         return self.model.lm_head(last).float()                     # [R, V]

@@ -41,11 +41,12 @@ import torch
 import lorart
 from lorart import LoRALinear
 from lorart.bench.tolerance import TOLERANCE
+from lorart.model_io import model_nbytes
 from lorart.models import default_gguf_path
 from lorart.quant import QuantizedWeight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gguf_model import decode_tok_s, model_bytes  # noqa: E402
+from bench_gguf_model import decode_tok_s  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain."]
 LOGIT_FACTOR = 10  # as tests/test_smollm2.py: 30 layers of float32, another op order
@@ -122,8 +123,8 @@ def check_file(path: Path, tokens: int, decode_tokens: int = 0) -> dict:
     t0 = time.perf_counter()
     ours, tok = lorart.from_gguf(path)
     row["lorart_load_s"] = round(time.perf_counter() - t0, 1)
-    row["lorart_mb"] = round(model_bytes(ours) / 1e6, 1)
-    row["bytes_vs_file"] = round(model_bytes(ours) / path.stat().st_size, 3)
+    row["lorart_mb"] = round(model_nbytes(ours) / 1e6, 1)
+    row["bytes_vs_file"] = round(model_nbytes(ours) / path.stat().st_size, 3)
     row |= packed_summary(ours)
     if decode_tokens:
         try:
@@ -152,7 +153,7 @@ def check_file(path: Path, tokens: int, decode_tokens: int = 0) -> dict:
     row["argmax_equal"] = bool(torch.equal(mine.argmax(-1), ref.argmax(-1)))
     theirs_tokens = greedy(theirs, tok, batch, tokens)
     row["greedy_equal"] = mine_tokens == theirs_tokens
-    row["transformers_mb"] = round(model_bytes(theirs) / 1e6, 1)
+    row["transformers_mb"] = round(model_nbytes(theirs) / 1e6, 1)
     return row
 
 

@@ -211,6 +211,40 @@ class QuantizedWeight:
             return self.qweight.to(torch.int64)
         return unpack_codes(self.qweight)
 
+    def relayout(self, scheme: str, group_size: int, scale_dtype: torch.dtype,
+                 offsets: bool) -> QuantizedWeight:
+        """The same weight in another layout, exactly (``dequantize()`` equal bit for bit,
+        up to the sign of a zero): groups split into smaller ones by repeating their scale,
+        float16 scales widened to float32, zero offsets added, and 4-bit ``asym``/``sym``
+        codes widened to ``int8``. What cannot be exact raises ``ValueError`` (NF4 codes,
+        fewer bits, larger groups, narrower scales, dropping offsets)."""
+        same = (scheme, group_size, scale_dtype, offsets) == (
+            self.scheme, self.group_size, self.scales.dtype, self.offsets is not None)
+        if same:
+            return self
+        why = None
+        if scheme != self.scheme and (scheme != "int8" or self.scheme == "nf4"):
+            why = f"scheme {self.scheme!r} codes cannot be written as {scheme!r}"
+        elif self.group_size % group_size:
+            why = f"group {self.group_size} cannot be split into groups of {group_size}"
+        elif scale_dtype not in SCALE_DTYPES or (self.scales.dtype == torch.float32
+                                                 and scale_dtype != torch.float32):
+            why = f"{self.scales.dtype} scales cannot be held as {scale_dtype}"
+        elif self.offsets is not None and not offsets:
+            why = "offsets cannot be dropped"
+        if why is not None:
+            raise ValueError(f"cannot relayout {self!r} exactly: {why}")
+        repeat = self.group_size // group_size
+        scales = self.scales.to(scale_dtype).repeat_interleave(repeat, dim=1)
+        offs = None
+        if offsets:
+            offs = (torch.zeros_like(scales) if self.offsets is None
+                    else self.offsets.to(scale_dtype).repeat_interleave(repeat, dim=1))
+        qweight = self.qweight
+        if scheme == "int8" and self.scheme != "int8":  # table[q] of asym/sym is an integer
+            qweight = code_table(self.scheme, qweight.device)[self.codes()].to(torch.int8)
+        return QuantizedWeight(qweight, scales, offs, group_size, scheme)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight ``[N, K]``, computed in float32 and cast to ``dtype``."""
         return dequantize_rows(self.qweight, self.scales, self.offsets, self.group_size,

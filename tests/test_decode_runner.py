@@ -224,3 +224,49 @@ def test_tensor_parallel_or_unknown_layers_are_refused():
 
     model.model.layers[0].self_attn.q_proj.__class__ = Sharded
     assert "Sharded" in unsupported(model)
+
+
+def test_groups_of_mixed_layouts_decode_exactly():
+    """GGUF K-quant files mix layouts inside q/k/v and gate/up (Q4_K_M: Q4_K beside Q6_K,
+    Q5_K_M: int8 with and without offsets): the decoder fuses them through one exact
+    common layout and still equals transformers."""
+    model = _tiny_llama("int4", True)  # asym, group 32, float16 scales
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        k_w, v_w = attn.k_proj.base.dequantize(), attn.v_proj.base.dequantize()
+        attn.k_proj._set_base(lorart.quantize(k_w, 16, "int8", torch.float32))  # no offsets
+        attn.v_proj._set_base(lorart.quantize(v_w, 64, "asym"))
+        if i == 1:
+            mlp.up_proj._set_base(lorart.quantize(mlp.up_proj.base.dequantize(), 32, "sym"))
+    ids = torch.randint(0, 101, (1, 9))
+    for adapter in (None, "a"):
+        expected = _hf_logits(model, ids, adapter)
+        session = LlamaDecoder(model).session(12, adapter)
+        got = [session.forward(ids[0, :7], last_only=False)]
+        got += [session.step(int(ids[0, i])) for i in (7, 8)]
+        assert_close(torch.cat(got), expected, what=f"mixed layouts, adapter {adapter}")
+
+
+@pytest.mark.parametrize("src", [("asym", 64, torch.float16), ("sym", 32, torch.float16),
+                                 ("int8", 32, torch.float16), ("int8", 16, torch.float32)])
+def test_relayout_is_exact(src):
+    scheme, group, scale_dtype = src
+    w = torch.randn(24, 128) * 0.1
+    qw = lorart.quantize(w, group, scheme, scale_dtype)
+    wide = qw.relayout("int8", 16, torch.float32, offsets=True)
+    assert wide.scheme == "int8" and wide.group_size == 16 and wide.offsets is not None
+    assert torch.equal(wide.dequantize(), qw.dequantize())
+    assert qw.relayout(qw.scheme, group, scale_dtype, qw.offsets is not None) is qw
+
+
+@pytest.mark.parametrize("source,target,match", [
+    (("nf4", 32, torch.float16), ("int8", 32, torch.float16, False), "cannot be written"),
+    (("asym", 32, torch.float16), ("int8", 64, torch.float16, True), "cannot be split"),
+    (("int8", 32, torch.float32), ("int8", 32, torch.float16, False), "float32 scales"),
+    (("asym", 32, torch.float16), ("int8", 32, torch.float16, False), "offsets"),
+    (("int8", 32, torch.float16), ("asym", 32, torch.float16, True), "cannot be written"),
+])
+def test_relayout_refuses_what_is_not_exact(source, target, match):
+    qw = lorart.quantize(torch.randn(8, 128), source[1], source[0], source[2])
+    with pytest.raises(ValueError, match=match):
+        qw.relayout(*target)

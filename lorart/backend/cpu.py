@@ -401,14 +401,12 @@ def kernel_weight_args(base: torch.Tensor | QuantizedWeight, dtype: torch.dtype)
         tensors = [base.qweight, base.scales, base.offsets]
         if not all(t is None or t.is_contiguous() for t in tensors):
             return None
-        if is_int8(base):
+        if base.scheme == "int8":
             return dict(int8=True, n=base.qweight.shape[0], k=base.qweight.shape[1],
                         codes=_buf(base.qweight), scales=_buf(base.scales),
                         offsets=_buf(base.offsets),
                         scale_dtype=_SCALE_DTYPE_CODE[base.scales.dtype],
                         group_size=base.group_size)
-        from .base import SCHEME_IDS
-
         return dict(int8=False, **_weight_args(base.qweight, base.scales, base.offsets,
                                                SCHEME_IDS[base.scheme], base.group_size))
     if base.device.type != "cpu" or base.dtype != dtype or not base.is_contiguous():

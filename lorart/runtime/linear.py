@@ -48,21 +48,38 @@ def _base_of(module: nn.Module) -> torch.Tensor | QuantizedWeight:
 
 def _concat_bases(bases: Sequence[torch.Tensor | QuantizedWeight]
                   ) -> torch.Tensor | QuantizedWeight:
+    """One base ``[sum N, K]`` for a group of layers sharing their input. Quantized bases
+    in different layouts (GGUF K-quant files mix them: Q4_K_M's q/k are Q4_K, v is Q6_K)
+    are first brought exactly to one layout that holds them all (``relayout``)."""
     if len(bases) == 1:
         return bases[0]
     if all(isinstance(b, QuantizedWeight) for b in bases):
+        bases = common_layout(bases)
         first = bases[0]
-        same = all(b.scheme == first.scheme and b.group_size == first.group_size
-                   and b.scales.dtype == first.scales.dtype for b in bases)
-        if same:
-            offsets = (None if first.offsets is None
-                       else torch.cat([b.offsets for b in bases]))
-            return QuantizedWeight(torch.cat([b.qweight for b in bases]),
-                                   torch.cat([b.scales for b in bases]), offsets,
-                                   first.group_size, first.scheme)
+        return QuantizedWeight(torch.cat([b.qweight for b in bases]),
+                               torch.cat([b.scales for b in bases]),
+                               None if first.offsets is None
+                               else torch.cat([b.offsets for b in bases]),
+                               first.group_size, first.scheme)
     if all(isinstance(b, torch.Tensor) for b in bases):
         return torch.cat(list(bases))
-    raise ValueError("cannot concatenate bases of different kinds; bind the layers separately")
+    raise ValueError("cannot concatenate dense and quantized bases; bind the layers separately")
+
+
+def common_layout(bases: Sequence[QuantizedWeight]) -> list[QuantizedWeight]:
+    """``bases`` in one packed layout, each exactly equal to its original: their own
+    scheme if they share it (else ``int8``), the smallest group, float32 scales if any has
+    them, offsets if any has them. ``ValueError`` when no exact common layout exists
+    (NF4 beside another scheme)."""
+    schemes = {b.scheme for b in bases}
+    scheme = schemes.pop() if len(schemes) == 1 else "int8"
+    group = min(b.group_size for b in bases)
+    if scheme != "int8":
+        group = max(group, 32)  # 4-bit groups start at 32 (all are, so min is >= 32)
+    scale_dtype = (torch.float32 if any(b.scales.dtype == torch.float32 for b in bases)
+                   else torch.float16)
+    offsets = any(b.offsets is not None for b in bases)
+    return [b.relayout(scheme, group, scale_dtype, offsets) for b in bases]
 
 
 def _adapter_pair(modules: Sequence[nn.Module], adapter: str | None, dtype, device

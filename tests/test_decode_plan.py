@@ -66,28 +66,6 @@ def test_plan_refuses_bad_shapes():
         plan.step(x=buf, pos=0, logits=buf)
 
 
-@pytest.mark.skipif("avx512bf16" not in cpu.available_isas(), reason="needs AVX512-BF16")
-def test_int8_kernels_under_avx512bf16_are_the_avx512_ones():
-    """The 8-bit kernels have no bf16 table: under the avx512bf16 ISA they must be the
-    avx512 ones (they fell through to the scalar table, 4.7x slower, before 2026-12-03)."""
-    from lorart import quant
-    from lorart.backend.cpu_int8 import int8_forward
-
-    torch.manual_seed(0)
-    w = quant.quantize(torch.randn(64, 4096), group_size=32, scheme="int8")
-    x = torch.randn(1, 4096)
-    out = {}
-    before = cpu.isa()
-    try:
-        for name in ("avx512bf16", "avx512", "scalar"):
-            cpu.set_isa(name)
-            out[name] = int8_forward(x, w, None, None, None, [0], [], None)
-    finally:
-        cpu.set_isa(before)
-    assert torch.equal(out["avx512bf16"], out["avx512"])
-    assert not torch.equal(out["avx512bf16"], out["scalar"])  # a different summation order
-
-
 @pytest.mark.skipif(not __import__("lorart")._C.cpu_has_vnni(), reason="needs AVX512-VNNI")
 @pytest.mark.parametrize("activations,tol", [("int16", 1e-3), ("int8", 0.1)])
 def test_integer_activation_steps_stay_close_to_float32(activations, tol, monkeypatch):

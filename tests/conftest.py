@@ -138,3 +138,19 @@ def isa(request):
 def triton_interpret():
     """Whether Triton kernels run in the CPU interpreter (CI) or on a GPU."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(scope="module")
+def smollm2_pirate():
+    """``(model, tokenizer)``: the real SmolLM2 from its GGUF (``lorart.from_gguf()``) with
+    the shipped ``pirate`` adapter loaded; one per test module (tests may add adapters)."""
+    pytest.importorskip("gguf")
+    import lorart
+
+    try:
+        model, tok = lorart.from_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    adapters = Path(lorart.__file__).parent / "data" / "adapters"
+    lorart.load_adapter(model, adapters / "pirate", "pirate")
+    return model, tok

@@ -4,16 +4,12 @@ and ``model.generate`` routing (lean path only where it returns what transformer
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import assert_close
 
 import lorart
 from lorart.runtime import DecodeLinear, LlamaDecoder, enable_fast_generate, greedy_generate
-
-ADAPTERS = Path(lorart.__file__).parent / "data" / "adapters"
 
 
 def _tiny_llama(quantize, bias: bool, seed: int = 0):
@@ -148,14 +144,8 @@ def test_unsupported_model_is_refused():
 
 # --------------------------------------------------------------------------- SmolLM2
 @pytest.fixture(scope="module")
-def smollm2():
-    pytest.importorskip("gguf")
-    try:
-        model, tok = lorart.from_gguf()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    lorart.load_adapter(model, ADAPTERS / "pirate", "pirate")
-    return model, tok
+def smollm2(smollm2_pirate):
+    return smollm2_pirate
 
 
 @pytest.mark.slow

@@ -4,25 +4,13 @@ multi-adapter calls keep transformers' loop."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-import lorart
-
-ADAPTERS = Path(lorart.__file__).parent / "data" / "adapters"
-
 
 @pytest.fixture(scope="module")
-def smollm2():
-    pytest.importorskip("gguf")
-    try:
-        model, tok = lorart.from_gguf()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    lorart.load_adapter(model, ADAPTERS / "pirate", "pirate")
-    return model, tok
+def smollm2(smollm2_pirate):
+    return smollm2_pirate
 
 
 @pytest.mark.slow

@@ -56,11 +56,16 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 23
 def head_weight(head: nn.Module) -> tuple[torch.Tensor | QuantizedWeight, torch.Tensor | None]:
     """``(W [V, H] or QuantizedWeight, bias [V] or None)`` of an output layer module.
 
-    Accepts ``nn.Linear`` (incl. lorart's ``BaseLinear``) and a ``LoRALinear`` with no
-    adapter in use. A head that applies LoRA itself is refused (``TypeError``): its
-    logits are not ``hidden Wᵀ + bias``.
+    Accepts ``nn.Linear`` (incl. lorart's ``BaseLinear``), a ``LoRALinear`` with no
+    adapter in use, and the packed output layers of GGUF models (``TiedQuantizedLinear``,
+    ``QuantizedLinear``: 4- or 8-bit, no bias). A head that applies LoRA itself is refused
+    (``TypeError``): its logits are not ``hidden Wᵀ + bias``.
     """
+    from .embedding import QuantizedLinear, TiedQuantizedLinear
     from .layers import LoRALinear
+
+    if isinstance(head, TiedQuantizedLinear | QuantizedLinear):
+        return head.base, None
 
     if isinstance(head, LoRALinear):
         in_use = (not head.disabled and head.lora_A
@@ -72,7 +77,8 @@ def head_weight(head: nn.Module) -> tuple[torch.Tensor | QuantizedWeight, torch.
         return head.base, head.bias
     if isinstance(head, nn.Linear):
         return head.weight, head.bias
-    raise TypeError(f"head must be an nn.Linear or a LoRALinear, got {type(head).__name__}")
+    raise TypeError(f"head must be an nn.Linear, a LoRALinear or a packed output layer, got "
+                    f"{type(head).__name__}")
 
 
 def linear_cross_entropy(

@@ -140,6 +140,28 @@ def test_module_heads():
         linear_cross_entropy(hidden, layer, targets)
 
 
+@pytest.mark.parametrize("scheme,group", [("int8", 32), ("asym", 32)])
+def test_packed_output_layers_of_gguf_models_are_fused(scheme, group):
+    """``from_gguf`` models end in a ``TiedQuantizedLinear`` (SmolLM2: 8-bit, tied to the
+    embedding) or a ``QuantizedLinear``: the fused loss must take them (it fell back to
+    full [P, V] logits before), equal to cross-entropy on the module's own logits."""
+    from lorart.embedding import QuantizedEmbedding, QuantizedLinear, TiedQuantizedLinear
+    from lorart.train.engine import fusable_head
+
+    v, h, n = 96, 64, 21
+    qw = lorart.quantize(torch.randn(v, h) / 8, group, scheme)
+    hidden = torch.randn(n, h, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    for head in (TiedQuantizedLinear(QuantizedEmbedding(qw)), QuantizedLinear(qw)):
+        assert fusable_head(head)
+        got = linear_cross_entropy(hidden, head, targets, chunk_rows=8)
+        (got_dh,) = torch.autograd.grad(got.sum(), hidden)
+        ref = nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+        (ref_dh,) = torch.autograd.grad(ref.sum(), hidden)
+        assert_close(got, ref, torch.float32, what=f"{type(head).__name__} loss")
+        assert_close(got_dh, ref_dh, torch.float32, what=f"{type(head).__name__} grad")
+
+
 def test_no_logits_tensor_is_kept_for_backward():
     """The autograd graph holds [P, H]-sized tensors, never [P, V] logits."""
     n, h, v = 64, 16, 4096

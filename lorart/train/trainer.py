@@ -182,12 +182,20 @@ def resolve_compute_dtype(name: str, device: torch.device | str = "cpu") -> torc
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
     """Cast every frozen float parameter of ``model`` to ``dtype`` (trained ones, the LoRA
-    weights, stay as they are); returns how many were cast. Packed 4-bit buffers and
-    float32 buffers (rotary frequencies) are untouched."""
+    weights, stay as they are); returns how many were cast. Packed 4/8-bit buffers and
+    float32 buffers (rotary frequencies) are untouched; a packed embedding
+    (``QuantizedEmbedding``, GGUF models) is set to output ``dtype``, since its output is
+    what sets the activations' dtype for the whole model."""
+    from ..embedding import QuantizedEmbedding
+
     n = 0
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
+            n += 1
+    for m in model.modules():
+        if isinstance(m, QuantizedEmbedding) and m.dtype != dtype:
+            m.dtype = dtype
             n += 1
     return n
 

@@ -188,6 +188,9 @@ class LoRALinear(KeepsPackedLayout):
     def is_quantized(self) -> bool:
         return self.weight is None
 
+    def _packed_changed(self) -> None:
+        self._qw_cache = None  # held the old buffers (rebuilt by .base)
+
     @property
     def base(self) -> torch.Tensor | QuantizedWeight:
         """The base weight: dense ``[N, K]`` or a ``QuantizedWeight`` (rebuilt after .to())."""

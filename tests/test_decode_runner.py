@@ -216,6 +216,57 @@ def test_tensor_parallel_or_unknown_layers_are_refused():
     assert "Sharded" in unsupported(model)
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_fused_groups_hold_the_packed_codes_once(tmp_path):
+    """q/k/v and gate/up fused by the decoder are not a second copy: the layers hold views
+    of the group's base, a second decoder (or the serving runner) reuses it, and the model
+    still computes, saves and loads exactly as before."""
+    model = _tiny_llama("int4", True)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    ids = torch.randint(0, 101, (1, 9))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = _hf_logits(model, ids, "a")
+    with torch.inference_mode():  # as generate usually runs: the views stay normal tensors
+        decoder = LlamaDecoder(model)
+    assert not attn.q_proj.qweight.is_inference()
+    qkv, gate_up = decoder.layers[1].qkv.base, decoder.layers[1].gate_up.base
+    for whole, mods in ((qkv, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                        (gate_up, (mlp.gate_proj, mlp.up_proj))):
+        for name in ("qweight", "scales", "offsets"):
+            assert {_storage(getattr(m, name)) for m in mods} == {_storage(getattr(whole, name))}
+    o = attn.o_proj.qweight
+    assert o.untyped_storage().nbytes() == o.numel()  # a one-layer group is left alone
+    again = LlamaDecoder(model)  # adjacent views: concatenated without a copy
+    assert again.layers[1].qkv.base.qweight.data_ptr() == qkv.qweight.data_ptr()
+    assert again.signature == decoder.signature  # no rebuild on the next generate
+    assert_close(_hf_logits(model, ids, "a"), expected, what="module forward on the views")
+    session = again.session(12, "a")
+    got = [session.forward(ids[0, :7], last_only=False)]
+    got += [session.step(int(ids[0, i])) for i in (7, 8)]
+    assert_close(torch.cat(got), expected, what="decoder on the shared base")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    a = attn.q_proj.lora_A["a"].requires_grad_(True)  # and the layers still train
+    attn.q_proj(torch.randn(3, 64), adapter_ids=[0] * 3).sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    a.requires_grad_(False)
+    lorart.save_model(model, tmp_path / "m")  # views of one storage, written one by one
+    back = lorart.load_model(tmp_path / "m")
+    assert torch.equal(_hf_logits(back, ids, "a"), _hf_logits(model, ids, "a"))
+
+
+def test_share_packed_refuses_another_layout():
+    model = _tiny_llama("int4", False)
+    q = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="scales must match"):
+        q.share_packed(q.qweight, q.scales.float(), q.offsets)
+    with pytest.raises(ValueError, match="offsets must match"):
+        q.share_packed(q.qweight, q.scales, None)
+
+
 def test_groups_of_mixed_layouts_decode_exactly():
     """GGUF K-quant files mix layouts inside q/k/v and gate/up (Q4_K_M: Q4_K beside Q6_K,
     Q5_K_M: int8 with and without offsets): the decoder fuses them through one exact
@@ -235,6 +286,10 @@ def test_groups_of_mixed_layouts_decode_exactly():
         got = [session.forward(ids[0, :7], last_only=False)]
         got += [session.step(int(ids[0, i])) for i in (7, 8)]
         assert_close(torch.cat(got), expected, what=f"mixed layouts, adapter {adapter}")
+    # Relaid-out groups are a copy: the layers keep their own layouts and buffers.
+    attn = model.model.layers[0].self_attn
+    assert (attn.k_proj.scheme, attn.v_proj.scheme) == ("int8", "asym")
+    assert attn.q_proj.qweight.untyped_storage().nbytes() == attn.q_proj.qweight.numel()
 
 
 @pytest.mark.parametrize("src", [("asym", 64, torch.float16), ("sym", 32, torch.float16),

@@ -16,8 +16,12 @@ On CPU the call goes straight to ``lorart._C.cpu_forward`` with the cached point
 elsewhere (GPU), and for bases that kernel does not take (the 8-bit layout), it goes
 through the op surface (``lora_linear``), so the runner works wherever the op surface does.
 
-Cost: a concatenated group is a copy of its layers' bases (for SmolLM2, q/k/v + gate/up
-are 66% of the 66 MB of 4-bit weights, so ~43 MB more memory while a decoder exists).
+Memory: the concatenated packed base is not a second copy. Its layers are given views
+of it in place of their own buffers (same values, so nothing they compute changes), and
+a group whose layers already are adjacent views of one storage is concatenated as a view:
+the decoder, the serving runner and a rebuilt decoder all share the layers' one copy
+(SmolLM2: 43 MB of q/k/v + gate/up held once). Groups that need ``relayout`` (mixed GGUF
+K-quant layouts) and dense groups keep a concatenated copy.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import nn
 
 from ..layers import LoRALinear
 from ..ops import lora_linear
+from ..packed import KeepsPackedLayout
 from ..quant import QuantizedWeight
 
 # Schemes of lorart._C.cpu_forward (4-bit); others (the 8-bit layout) take the op surface.
@@ -56,14 +61,58 @@ def _concat_bases(bases: Sequence[torch.Tensor | QuantizedWeight]
     if all(isinstance(b, QuantizedWeight) for b in bases):
         bases = common_layout(bases)
         first = bases[0]
-        return QuantizedWeight(torch.cat([b.qweight for b in bases]),
-                               torch.cat([b.scales for b in bases]),
-                               None if first.offsets is None
-                               else torch.cat([b.offsets for b in bases]),
+        parts = [[b.qweight for b in bases], [b.scales for b in bases]]
+        if first.offsets is not None:
+            parts.append([b.offsets for b in bases])
+        whole = [_rows_view(p) for p in parts]
+        if any(w is None for w in whole):
+            whole = [torch.cat(p) for p in parts]
+        return QuantizedWeight(whole[0], whole[1], whole[2] if len(whole) == 3 else None,
                                first.group_size, first.scheme)
     if all(isinstance(b, torch.Tensor) for b in bases):
         return torch.cat(list(bases))
     raise ValueError("cannot concatenate dense and quantized bases; bind the layers separately")
+
+
+def _rows_view(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``torch.cat(parts)`` as a view, when ``parts`` are contiguous row blocks lying one
+    after another in one storage (layers that already share a group's base); else None."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for p in parts:
+        if (not p.is_contiguous() or p.dtype != first.dtype or p.shape[1:] != first.shape[1:]
+                or p.device != first.device or p.storage_offset() != offset
+                or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        offset += p.numel()
+    shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+    return first.as_strided(shape, first.stride(), first.storage_offset())
+
+
+def _share_base(modules: Sequence[nn.Module], whole: QuantizedWeight) -> None:
+    """Give each packed layer of a group views of the group's concatenated base ``whole``
+    in place of its own buffers (values equal), so the packed codes are held once. Only
+    when every layer holds exactly its rows of ``whole`` in the same layout."""
+    if len(modules) < 2 or not all(isinstance(m, KeepsPackedLayout)
+                                   and isinstance(getattr(m, "qweight", None), torch.Tensor)
+                                   for m in modules):
+        return
+    row = 0
+    views = []
+    for m in modules:
+        n = m.qweight.shape[0]
+        mine = [whole.qweight[row:row + n], whole.scales[row:row + n],
+                None if whole.offsets is None else whole.offsets[row:row + n]]
+        if (m.group_size != whole.group_size or m.scheme != whole.scheme
+                or (m.offsets is None) != (whole.offsets is None)
+                or any(t is not None and (t.dtype != o.dtype or t.shape != o.shape)
+                       for t, o in zip(mine, (m.qweight, m.scales, m.offsets)))):
+            return
+        views.append(mine)
+        row += n
+    for m, (q, sc, off) in zip(modules, views):
+        if m.qweight.data_ptr() != q.data_ptr():  # not yet a view of it
+            m.share_packed(q, sc, off)
 
 
 def common_layout(bases: Sequence[QuantizedWeight]) -> list[QuantizedWeight]:
@@ -143,7 +192,12 @@ class DecodeLinear:
             if isinstance(base, torch.Tensor) and base.dtype != dtype:
                 base = base.to(dtype)
             bases.append(base)
-        self.base = _concat_bases(bases)
+        # Normal tensors even when built under inference_mode (generate usually is): the
+        # layers hold views of this base afterwards, and must stay usable for training.
+        with torch.inference_mode(False), torch.no_grad():
+            self.base = _concat_bases(bases)
+            if isinstance(self.base, QuantizedWeight):
+                _share_base(modules, self.base)
         self.device = (self.base.device if isinstance(self.base, torch.Tensor)
                        else self.base.qweight.device)
         self.dtype = dtype

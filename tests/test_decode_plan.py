@@ -67,10 +67,12 @@ def test_plan_refuses_bad_shapes():
 
 
 @pytest.mark.skipif(not __import__("lorart")._C.cpu_has_vnni(), reason="needs AVX512-VNNI")
-@pytest.mark.parametrize("activations,tol", [("int16", 1e-3), ("int8", 0.1)])
+@pytest.mark.parametrize("activations,tol", [("int16", 2e-5), ("int8", 6e-3)])
 def test_integer_activation_steps_stay_close_to_float32(activations, tol, monkeypatch):
     """The opt-in integer-activation steps (decode_q8.cpp) against the float32 plan on a
-    4-bit model with an adapter: int16 within ~1e-3 relative, int8 within ~0.1."""
+    4-bit model with an adapter: int16 1.3e-5 relative, int8 3.6e-3 (with x's own float
+    sum in the offset term instead of the rounded x's, as before 2026-12-03: 2.9e-5 and
+    9.7e-3; decode_q8.h says why)."""
     model = _tiny_llama("int4", False, seed=2)
     ids = torch.randint(0, 101, (25,))
     want, _ = _steps(model, "a", ids, monkeypatch, plan=True)

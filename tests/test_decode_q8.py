@@ -1,6 +1,7 @@
-"""The int8-activation one-row GEMV (csrc/cpu/decode_q8.cpp, the decoder's opt-in
-``activations="int8"``) against a float64 reference of the same arithmetic, scalar and
-AVX512-VNNI, on odd shapes (K tails of 32/64/96 in the 128-k chunks), every layout."""
+"""The int8/int16-activation one-row GEMV (csrc/cpu/decode_q8.cpp, the decoder's
+``activations="int16"`` default and ``"int8"``) against a float64 reference — the
+dequantized weight times the rounded input — scalar and AVX512-VNNI, on odd shapes (K
+tails of 32/64/96 in the 128-k chunks), every layout."""
 
 from __future__ import annotations
 
@@ -13,33 +14,20 @@ from lorart.backend.base import buffer
 PATHS = [False] + ([True] if _C.cpu_has_vnni() else [])
 
 
-def _codes(w: quant.QuantizedWeight) -> torch.Tensor:
-    """``[N, K]`` integer codes (4-bit: low nibble = even k)."""
-    if w.scheme == "int8":
-        return w.qweight.to(torch.int64)
-    q = w.qweight.to(torch.int64)
-    return torch.stack([q & 15, q >> 4], dim=-1).reshape(q.shape[0], -1)
+def rounded_x(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """``x̂ [K]`` float64: x rounded per group of 32 to ``bits`` (d = max|x|/127, or /32767
+    for 16 bits; round half to even in float32, as the kernel), then ``d · q``."""
+    xg = x.view(-1, 32)
+    d = xg.abs().amax(1) / (127 if bits == 8 else 32767)
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(xg * inv[:, None])
+    return (q.to(torch.float64) * d.to(torch.float64)[:, None]).reshape(-1)
 
 
 def q8_reference(w: quant.QuantizedWeight, x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """``y [N]``: x rounded per group of 32 to int8 (d = max|x|/127, round half to even in
-    float32, as the kernel; 16 bits: /32767), integer dot products, then scales and float
-    offset sums."""
-    n, k = w.shape
-    g = k // 32
-    xg = x.view(g, 32)
-    d = xg.abs().amax(1) / (127 if bits == 8 else 32767)
-    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
-    qx = torch.round(xg * inv[:, None]).to(torch.float64)
-    isum = (_codes(w).view(n, g, 32).to(torch.float64) * qx).sum(-1)  # exact integers
-    s = w.scales.to(torch.float64)
-    if w.offsets is not None:
-        o = w.offsets.to(torch.float64)
-    elif w.scheme == "sym":
-        o = -8 * s
-    else:
-        o = torch.zeros_like(s)
-    return (s * d.to(torch.float64) * isum + o * xg.sum(1).to(torch.float64)).sum(1)
+    """``y [N]``: the dequantized weight times the rounded input, in float64 (what
+    llama.cpp's Q8 dot products compute: scales and offsets both meet the rounded x)."""
+    return w.dequantize(torch.float32).to(torch.float64) @ rounded_x(x, bits)
 
 
 def _run(w: quant.QuantizedWeight, x: torch.Tensor, vnni: bool, bits: int) -> torch.Tensor:

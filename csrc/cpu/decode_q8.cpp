@@ -68,21 +68,20 @@ void quantize_groups_scalar(const float* x, int64_t groups, int8_t* q, int16_t* 
                             float* sum) {
   const float qmax = q16 != nullptr ? 32767.0f : 127.0f;
   for (int64_t g = 0; g < groups; ++g) {
-    float amax = 0.0f, s = 0.0f;
-    for (int64_t i = 0; i < kGroup; ++i) {
-      amax = std::max(amax, std::fabs(x[g * kGroup + i]));
-      s += x[g * kGroup + i];
-    }
+    float amax = 0.0f;
+    for (int64_t i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(x[g * kGroup + i]));
     const float dg = amax / qmax, id = dg != 0.0f ? 1.0f / dg : 0.0f;
     d[g] = dg;
-    sum[g] = s;
+    int32_t qsum = 0;
     for (int64_t i = 0; i < kGroup; ++i) {
       const float v = std::nearbyint(x[g * kGroup + i] * id);
+      qsum += static_cast<int32_t>(v);
       if (q16 != nullptr)
         q16[g * kGroup + i] = static_cast<int16_t>(v);
       else
         q[g * kGroup + i] = static_cast<int8_t>(v);
     }
+    sum[g] = dg * static_cast<float>(qsum);  // the rounded x's sum (see decode_q8.h)
   }
 }
 

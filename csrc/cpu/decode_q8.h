@@ -3,14 +3,17 @@
 //
 //     x  [K] float32  ->  per group g of 32:  d_g = max|x_g| / 127,  q_x = round(x / d_g)
 //                         (or 16-bit: d_g = max|x_g| / 32767)
-//     y[n] = Σ_g  s[n,g] · d_g · Σ_{k∈g} q_w[n,k] q_x[k]  +  o[n,g] · Σ_{k∈g} x[k]
+//     y[n] = Σ_g  s[n,g] · d_g · Σ_{k∈g} q_w[n,k] q_x[k]  +  o[n,g] · d_g · Σ_{k∈g} q_x[k]
 //
 // 4-bit (lorart.quant, codes 0..15, byte j = k 2j low nibble, 2j+1 high): asym w = s·q + o,
 // sym w = s·(q − 8) (o = −8·s). 8-bit (int8 layout): w = s·q (+ o). Group size 32 only
-// (every GGUF 4/8-bit format converts to it). The offset term uses the float sums of x, so
-// the only rounding added over the float32 path is that of x to 8 bits (as llama.cpp's
-// Q8_1/Q8_0 activations). The integer dot products run on AVX512-VNNI (vpdpbusd); a
-// scalar version of the same arithmetic is the reference and the fallback.
+// (every GGUF 4/8-bit format converts to it). y is the float32 product of the dequantized
+// W with the rounded x̂ = d·q_x, as llama.cpp's Q8_1 dot products: the offset term uses the
+// rounded x's sum, not x's own. With x's own sum the error would be Σ (w − o)(x̂ − x)
+// instead of Σ w (x̂ − x); for asym groups w − o spans [0, max − min], about twice w's
+// magnitude, so SmolLM2's logits were 3.9e-2 from float32 that way instead of 2.2e-2
+// (2026-12-03). The integer dot products run on AVX512-VNNI (vpdpbusd/vpdpwssd); a scalar
+// version of the same arithmetic is the reference and the fallback.
 #pragma once
 
 #include <cstdint>
@@ -28,7 +31,7 @@ struct Q8Activation {
   std::vector<int8_t> q;      // 4-bit: per 128-k chunk [64 even k | 64 odd k]; 8-bit: natural
   std::vector<int16_t> q16;   // the same layout, 16-bit
   std::vector<float> d;       // [K/32] scale per group
-  std::vector<float> sum;     // [K/32] float sum of x over the group
+  std::vector<float> sum;     // [K/32] d · Σ q_x over the group (the rounded x's sum)
   std::vector<float> d_lane;  // per 16 int32 lanes of a chunk: d of the lane's group
   std::vector<float> s_lane;  // same, sum / (lanes per group)
 };
@@ -63,7 +66,7 @@ bool q8_has_vnni();
 
 // Quantize x [K] for w's layout (4-bit: chunked even/odd order; 8-bit: natural) to `bits`
 // 8 (vpdpbusd) or 16 (vpdpwssd: x rounded to 1/65534 of its group's range, which keeps the
-// float32 path's results to ~1e-4 relative while still running integer dot products).
+// float32 path's results to ~1e-4 relative or better while still running integer dot products).
 void q8_quantize(const float* x, int64_t k, bool for_int8, Q8Activation* out, bool vnni,
                  int bits = 8);
 

@@ -159,19 +159,19 @@ void quantize_groups_vnni(const float* x, int64_t groups, int8_t* q, int16_t* q1
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     const float dg = amax / qmax, id = dg != 0.0f ? 1.0f / dg : 0.0f;
     d[g] = dg;
-    sum[g] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
     const __m512 vid = _mm512_set1_ps(id);
+    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));
+    const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
+    // The rounded x's sum, for the offset term (see decode_q8.h).
+    sum[g] = dg * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
     if (q16 != nullptr) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + g * 32),
-                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v0, vid))));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + g * 32), _mm512_cvtsepi32_epi16(i0));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + g * 32 + 16),
-                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v1, vid))));
+                          _mm512_cvtsepi32_epi16(i1));
       continue;
     }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * 32),
-                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, vid))));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * 32 + 16),
-                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, vid))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * 32), _mm512_cvtsepi32_epi8(i0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * 32 + 16), _mm512_cvtsepi32_epi8(i1));
   }
 }
 

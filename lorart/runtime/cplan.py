@@ -13,8 +13,8 @@ or no ``lorart._C``.
 
 With ``LlamaDecoder(..., activations="int16" | "int8")`` every 4-bit (asym/sym) and 8-bit
 group of group size 32 runs ``csrc/cpu/decode_q8.cpp`` instead (on CPUs with AVX512-VNNI):
-x rounded per group of 32 to 16 bits (logits ~2e-4 from float32) or 8 bits (llama.cpp's
-Q8 activations, ~4e-2) and integer dot products. ``LORART_DECODE_PLAN=0`` turns the
+x rounded per group of 32 to 16 bits (logits ~7e-5 from float32) or 8 bits (llama.cpp's
+Q8 activations, ~2e-2) and integer dot products. ``LORART_DECODE_PLAN=0`` turns the
 plan off (the Python step then runs: the reference the plan is tested against).
 """
 

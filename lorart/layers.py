@@ -99,6 +99,15 @@ class BaseLinear(nn.Linear):
         return lora_linear(x, weight, None, None, bias=bias)
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """``t._version`` (moves on every in-place write), or -1 for an inference tensor (made
+    under ``torch.inference_mode``, e.g. a model loaded there), which has no counter.
+    Caches keyed on it must not trust -1: the adapter caches rebuild for such tensors;
+    a decoder's base signature accepts it (frozen base weights; only its copied dense or
+    relaid-out groups could miss an in-place write made under inference mode)."""
+    return -1 if t.is_inference() else t._version
+
+
 class LoRALinear(KeepsPackedLayout):
     """A linear layer ``y = x Wᵀ + bias`` plus named LoRA adapters (see module doc).
 
@@ -294,7 +303,8 @@ class LoRALinear(KeepsPackedLayout):
         pairs = [(pa[n], pb[n]) for n in names]
         params = [p for pair in pairs for p in pair]
         # Traced by torch.compile: packed inside the graph (versions are not traceable).
-        fresh = torch.compiler.is_compiling() or (
+        # Inference tensors (adapters made under inference_mode) have no version: no cache.
+        fresh = torch.compiler.is_compiling() or any([p.is_inference() for p in params]) or (
             torch.is_grad_enabled() and any([p.requires_grad for p in params]))
         # The cache stays valid while the same parameter objects hold the same data
         # (``_version`` moves on every in-place write, e.g. an optimizer step) and the

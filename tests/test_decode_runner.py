@@ -258,6 +258,35 @@ def test_fused_groups_hold_the_packed_codes_once(tmp_path):
     assert torch.equal(_hf_logits(back, ids, "a"), _hf_logits(model, ids, "a"))
 
 
+def test_model_built_under_inference_mode_decodes():
+    """Inference tensors have no version counter: a model loaded (and its adapters added)
+    inside ``torch.inference_mode()`` still builds a decoder and generates, in and out of
+    inference mode (the signature crashed on ``_version`` before)."""
+    with torch.inference_mode():
+        model = _tiny_llama("int4", False)
+        assert model.model.layers[0].mlp.down_proj.qweight.is_inference()
+        ids = torch.randint(0, 101, (1, 6))
+        expected = _hf_logits(model, ids, "a")
+        enable_fast_generate(model)
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, adapter_names=["a"])
+        assert model.generate.last_path == "lorart"
+    assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False,
+                                      adapter_names=["a"]), out)
+    decoder = LlamaDecoder(model)
+    session = decoder.session(8, "a")
+    got = [session.forward(ids[0, :5], last_only=False), session.step(int(ids[0, 5]))]
+    assert_close(torch.cat(got), expected, what="decoder of an inference-mode model")
+    with torch.inference_mode():  # adapter weights written in place, where no version moves
+        for m in model.modules():
+            if isinstance(m, lorart.LoRALinear) and "a" in m.lora_B:
+                m.lora_B["a"].mul_(-2)
+        changed = _hf_logits(model, ids, "a")
+        assert not torch.allclose(changed, expected)
+        session = decoder.session(8, "a")  # the same decoder rebinds the adapter
+        got = [session.forward(ids[0, :5], last_only=False), session.step(int(ids[0, 5]))]
+    assert_close(torch.cat(got), changed, what="after an in-place write under inference_mode")
+
+
 def test_share_packed_refuses_another_layout():
     model = _tiny_llama("int4", False)
     q = model.model.layers[0].self_attn.q_proj

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..layers import LoRALinear
+from ..layers import LoRALinear, tensor_version
 from ..ops import lora_linear
 from ..packed import KeepsPackedLayout
 from ..quant import QuantizedWeight
@@ -213,7 +213,9 @@ class DecodeLinear:
         for m in self.modules:
             if isinstance(m, LoRALinear) and adapter in m.lora_A:
                 a, b = m.lora_A[adapter], m.lora_B[adapter]
-                key += [id(a), a._version, id(b), b._version, m.scaling(adapter),
+                if a.is_inference() or b.is_inference():  # no version counter: rebind
+                    key.append(object())
+                key += [id(a), tensor_version(a), id(b), tensor_version(b), m.scaling(adapter),
                         adapter in m.merged]
         return tuple(key)
 

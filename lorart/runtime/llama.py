@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import tensor_version
 from .cplan import build_plan
 from .linear import BoundLinear, DecodeLinear
 
@@ -280,7 +281,7 @@ def decoder_signature(model: nn.Module) -> tuple:
     for m in model.modules():
         if isinstance(m, LoRALinear):
             t = m.qweight if m.is_quantized else m.weight
-            sig.append((id(m), id(t), t._version, m.disabled, tuple(m.merged)))
+            sig.append((id(m), id(t), tensor_version(t), m.disabled, tuple(m.merged)))
         elif isinstance(m, nn.Linear):
-            sig.append((id(m), id(m.weight), m.weight._version))
+            sig.append((id(m), id(m.weight), tensor_version(m.weight)))
     return tuple(sig)

@@ -3,6 +3,7 @@
     PYTHONPATH=<dir with llama_cpp/> python benchmarks/bench_vs_llamacpp.py   # 1 and 2 threads
     python benchmarks/bench_vs_llamacpp.py --threads 1 --rounds 3 --out bench-out/vs.jsonl
     python benchmarks/bench_vs_llamacpp.py --threads 1 --profile   # + one decode step, by part
+    python benchmarks/bench_vs_llamacpp.py --threads 1 --accuracy  # + logits vs float32
 
 Ends with a SUMMARY table: tok/s of both, the ratio against the issue's target (>= 1.0x
 without an adapter, >= 1.2x with one), same greedy tokens as llama.cpp (target 60/64) and
@@ -62,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp")
     p.add_argument("--hf", action="store_true", help="also time transformers' generate loop")
     p.add_argument("--profile", action="store_true", help="also time one decode step by part")
+    p.add_argument("--accuracy", type=int, nargs="?", const=40, default=0, metavar="STEPS",
+                   help="also compare each mode's logits with float32 over STEPS (40) "
+                        "teacher-forced decode steps, no adapter")
     p.add_argument("--out", type=Path, help="append JSON lines here")
     p.add_argument("--summary-out", type=Path, help=argparse.SUPPRESS)  # (child processes)
     return p.parse_args(argv)
@@ -146,6 +150,39 @@ def logit_gap(model, prompt_ids, ours: list, k: int, theirs: int, adapter) -> fl
     seq = torch.cat([prompt_ids[0], torch.tensor(ours[:k], dtype=torch.int64)])
     logits = session.forward(seq)[-1]
     return float(logits[ours[k]] - logits[theirs])
+
+
+# --------------------------------------------------------------------------- accuracy
+def accuracy(model, prompt_ids, steps: int, llm=None) -> dict:
+    """``{mode: (relative RMS of the logits vs float32, argmax agreements)}`` over ``steps``
+    one-token decode steps fed float32's own greedy tokens (teacher-forced, so one flip does
+    not change what follows), no adapter; llama.cpp's from the same tokens one at a time."""
+    import torch
+
+    from lorart.runtime import LlamaDecoder
+
+    def lorart_logits(activations: str, forced: list | None) -> tuple[torch.Tensor, list]:
+        session = LlamaDecoder(model, activations=activations).session(
+            prompt_ids.shape[1] + steps + 1, None)
+        logits, tokens = [session.forward(prompt_ids[0])[-1]], []
+        for i in range(steps):
+            tokens.append(int(logits[-1].argmax()) if forced is None else forced[i])
+            logits.append(session.step(tokens[-1])[-1])
+        return torch.stack(logits[:steps]), tokens
+
+    with torch.inference_mode():
+        ref, tokens = lorart_logits("float32", None)
+        got = {f"lorart {a}": lorart_logits(a, tokens)[0] for a in ("int16", "int8")}
+    if llm is not None:
+        llm.reset()
+        llm.eval(prompt_ids[0].tolist())
+        rows = [torch.tensor(llm.scores[llm.n_tokens - 1])]
+        for t in tokens[:-1]:
+            llm.eval([t])
+            rows.append(torch.tensor(llm.scores[llm.n_tokens - 1]))
+        got["llama.cpp"] = torch.stack(rows).float()
+    return {name: (float((g - ref).norm() / ref.norm()),
+                   int((g.argmax(-1) == ref.argmax(-1)).sum())) for name, g in got.items()}
 
 
 # --------------------------------------------------------------------------- profile
@@ -349,6 +386,17 @@ def run_one(args, threads: int) -> int:
                         "llamacpp_answer_same": any(r["answer_same_as_lorart"] for r in records
                                                     if r["case"] == label
                                                     and r["engine"] == "llama.cpp")})
+    if args.accuracy:
+        llm = None
+        if "llama.cpp" in engines:  # a third instance that keeps every position's logits
+            llm = llama_cpp.Llama(**common, logits_all=True)
+        acc = accuracy(model, ids, args.accuracy, llm)
+        print(f"\n== logits vs lorart float32 over {args.accuracy} teacher-forced steps "
+              "(relative RMS, argmax agreements):")
+        for name, (rel, agree) in acc.items():
+            print(f"  {name:18s} {rel:.2e}   {agree}/{args.accuracy}")
+            records.append({"bench": "vs_llamacpp_accuracy", "engine": name, "rel_rms": rel,
+                            "argmax_same": agree, "steps": args.accuracy, **meta})
     if args.profile:
         for adapter in (None, args.adapter):
             prof = profile_step(model, adapter, threads)

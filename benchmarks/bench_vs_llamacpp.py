@@ -187,10 +187,13 @@ def accuracy(model, prompt_ids, steps: int, llm=None) -> dict:
 
 # --------------------------------------------------------------------------- profile
 def profile_step(model, adapter: str | None, threads: int) -> dict:
-    """Thread CPU time of one decode step (position ~100) and of its parts, in us."""
+    """Thread CPU time of one decode step (position ~100) and of its parts, in us: the
+    float32-activation step (its parts are the float32 kernels, callable one by one) and,
+    as ``step_default_us``, the step ``generate`` runs (int16 activations)."""
     import torch
 
     from lorart.runtime import LlamaDecoder
+    from lorart.runtime.generate import DEFAULT_ACTIVATIONS
 
     clk = time.thread_time if threads == 1 else time.perf_counter
 
@@ -207,8 +210,12 @@ def profile_step(model, adapter: str | None, threads: int) -> dict:
     dec = LlamaDecoder(model)
     s = dec.session(4096, adapter)
     with torch.inference_mode():
-        s.forward(torch.randint(0, dec.vocab, (100,)))
+        prompt = torch.randint(0, dec.vocab, (100,))
+        s.forward(prompt)
         step = best(lambda: s.step(5))
+        default = LlamaDecoder(model, activations=DEFAULT_ACTIVATIONS).session(4096, adapter)
+        default.forward(prompt)
+        step_default = best(lambda: default.step(5))
         x, h = torch.randn(1, dec.hidden), torch.randn(1, s.bound[0][3].in_features)
         groups = {"qkv": 0, "o": 1, "gate_up": 2, "down": 3}
         parts = {name: best(lambda i=i: [b[i](h if i == 3 else x) for b in s.bound])
@@ -226,7 +233,8 @@ def profile_step(model, adapter: str | None, threads: int) -> dict:
             cache.crop(-1)  # drop the token again: every call runs at position 100
         hf = best(hf_step)
     kernels = sum(parts.values())
-    return {"step_us": step, **{f"{k}_us": v for k, v in parts.items()},
+    return {"step_us": step, "step_default_us": step_default,
+            **{f"{k}_us": v for k, v in parts.items()},
             "glue_us": step - kernels, "hf_step_us": hf,
             "clock": "thread CPU time" if threads == 1 else "wall"}
 

@@ -120,7 +120,7 @@ def unpack_codes(qweight: torch.Tensor) -> torch.Tensor:
     """Unpack bytes ``[N, K // 2]`` into codes ``[N, K]`` (int64, 0..15)."""
     low = (qweight & 15).to(torch.int64)
     high = (qweight >> 4).to(torch.int64)
-    return torch.stack((low, high), dim=-1).reshape(qweight.shape[0], -1)
+    return torch.stack((low, high), dim=-1).reshape(qweight.shape[0], 2 * qweight.shape[1])
 
 
 @dataclass
@@ -324,11 +324,11 @@ def dequantize_rows(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.
         values = qweight.to(torch.float32)
     else:
         values = code_table(scheme, qweight.device)[unpack_codes(qweight)]
-    n = values.shape[0]
-    w = values.view(n, -1, group_size) * scales.float().unsqueeze(-1)
+    n, k = values.shape  # explicit sizes: -1 is ambiguous for zero rows
+    w = values.view(n, k // group_size, group_size) * scales.float().unsqueeze(-1)
     if offsets is not None:
         w = w + offsets.float().unsqueeze(-1)
-    return w.reshape(n, -1)
+    return w.reshape(n, k)
 
 
 def quantize(

@@ -19,6 +19,9 @@ def test_lookup_equals_dequantized_rows(scheme, group):
     out = emb(ids)
     assert out.shape == (2, 3, 128) and out.dtype == torch.float32
     assert torch.equal(out, qw.dequantize()[ids])  # same arithmetic: bit-exact
+    empty = emb(torch.zeros(1, 0, dtype=torch.long))  # as nn.Embedding: no rows, no error
+    assert empty.shape == (1, 0, 128) and qw.rows(torch.zeros(0, dtype=torch.long)).dequantize(
+    ).shape == (0, 128)
 
 
 def test_tied_output_layer_is_the_same_matrix():

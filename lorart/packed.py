@@ -31,9 +31,10 @@ class KeepsPackedLayout(nn.Module):
         return self
 
     def share_packed(self, qweight, scales, offsets) -> None:
-        """Hold ``qweight``/``scales``/``offsets`` in place of the packed buffers: the same
-        values in the same layout (dtype and shape checked), typically views of a larger
-        tensor that several layers share. ``ValueError`` if the layout differs."""
+        """Hold ``qweight``/``scales``/``offsets`` in place of the packed buffers, typically
+        views of a larger tensor that several layers share. The values must be the held
+        ones (the caller's guarantee: the decoder passes views of a concatenation of these
+        very buffers); dtype, shape and device are checked (``ValueError``)."""
         for name, new in (("qweight", qweight), ("scales", scales), ("offsets", offsets)):
             old = self._buffers.get(name)
             if (old is None) != (new is None) or (old is not None and (

@@ -105,6 +105,19 @@ def test_tiny_generate_routing(monkeypatch):
         path, out, ref = both(**extra)
         assert path == "lorart", extra
         assert torch.equal(out, ref), extra
+    # A generation_config argument, completed from the model's as transformers does.
+    from transformers import GenerationConfig
+
+    kw = {}
+    for config in (GenerationConfig(max_new_tokens=5, do_sample=False, pad_token_id=0),
+                   GenerationConfig(max_length=12, eos_token_id=int(ref[0, 9]), pad_token_id=0),
+                   GenerationConfig(max_new_tokens=6, min_new_tokens=4, pad_token_id=0)):
+        path, out, ref = both(generation_config=config)
+        assert path == "lorart" and torch.equal(out, ref), config
+    path, out, ref = both(generation_config=GenerationConfig(max_new_tokens=5,
+                                                             repetition_penalty=1.3))
+    assert path == "transformers" and torch.equal(out, ref)
+    kw = dict(max_new_tokens=9, do_sample=False, pad_token_id=0, eos_token_id=None)
     lorart.set_adapter(model, "b")
     path, out, ref = both()
     assert path == "lorart" and torch.equal(out, ref)

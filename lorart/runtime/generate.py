@@ -7,8 +7,9 @@ what the decoder computes exactly as transformers would:
 - one sequence (``input_ids [1, T]``, attention mask absent or all ones);
 - greedy (``do_sample`` false, one beam) and no logits processor other than
   ``min_new_tokens``; only the keyword arguments in ``_ACCEPTED`` are given and the
-  model's ``generation_config`` differs from transformers' defaults only in fields
-  of ``_CONFIG_FIELDS_OK`` or by switching something off;
+  generation config (a ``generation_config=`` argument completed from the model's, as
+  transformers does, else the model's) differs from transformers' defaults only in
+  fields of ``_CONFIG_FIELDS_OK`` or by switching something off;
 - one adapter for the whole model: ``adapter_names=[name]``, or the active adapter
   set the same in every layer that has it (or none).
 
@@ -23,6 +24,7 @@ transformers' except where two logits tie within that; ``LORART_DECODE_ACTIVATIO
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 
@@ -47,6 +49,22 @@ _NO_ADAPTER = object()  # "cannot serve this adapter setup": fall back
 # (llama.cpp's 8-bit activations: 2.5e-2, one flip), ~1.3x the float32 path's tok/s.
 # "float32" keeps transformers' arithmetic exactly; "int8" is llama.cpp's rounding (2.2e-2).
 DEFAULT_ACTIVATIONS = "int16"
+
+
+def _generation_config(model: nn.Module, given):
+    """The generation config a ``generate`` call runs with: ``given`` with its unset
+    (``None``) fields taken from the model's, as transformers' ``generate`` completes it
+    (``GenerationConfig.update(..., defaults_only=True)``), or the model's own. ``None``
+    when that cannot be done here (the call then takes transformers' loop)."""
+    if given is None:
+        return model.generation_config
+    try:
+        merged = copy.deepcopy(given)
+        merged.update(**model.generation_config.to_dict(), defaults_only=True,
+                      allow_custom_entries=True)
+    except (TypeError, AttributeError):  # another transformers: leave it to its loop
+        return None
+    return merged
 
 
 class FastGenerate:
@@ -101,9 +119,9 @@ class FastGenerate:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or \
                 input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
             return None
-        if set(kwargs) - _ACCEPTED:
+        gc = _generation_config(model, kwargs.pop("generation_config", None))
+        if gc is None or set(kwargs) - _ACCEPTED:
             return None
-        gc = model.generation_config
         # Fields off (False/None/0) are harmless; any other non-default one may change tokens.
         if any(v for k, v in gc.to_diff_dict().items() if k not in _CONFIG_FIELDS_OK):
             return None

@@ -118,6 +118,26 @@ def test_tiny_generate_routing(monkeypatch):
                                                              repetition_penalty=1.3))
     assert path == "transformers" and torch.equal(out, ref)
     kw = dict(max_new_tokens=9, do_sample=False, pad_token_id=0, eos_token_id=None)
+    # A streamer sees the same calls on both loops (prompt, each token, end).
+    from transformers.generation.streamers import BaseStreamer
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.calls = []
+
+        def put(self, value):
+            self.calls.append(value.tolist())
+
+        def end(self):
+            self.calls.append("end")
+
+    fast_rec, slow_rec = Recorder(), Recorder()
+    out = model.generate(ids, **kw, streamer=fast_rec)
+    assert fast.last_path == "lorart"
+    monkeypatch.setenv("LORART_FAST_DECODE", "0")
+    assert torch.equal(model.generate(ids, **kw, streamer=slow_rec), out)
+    monkeypatch.delenv("LORART_FAST_DECODE")
+    assert fast_rec.calls == slow_rec.calls and len(fast_rec.calls) == 11
     lorart.set_adapter(model, "b")
     path, out, ref = both()
     assert path == "lorart" and torch.equal(out, ref)

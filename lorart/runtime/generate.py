@@ -36,7 +36,7 @@ from .llama import ACTIVATIONS, LlamaDecoder, decoder_signature, unsupported
 
 _ACCEPTED = {"max_new_tokens", "min_new_tokens", "max_length", "do_sample", "num_beams",
              "attention_mask", "pad_token_id", "eos_token_id", "bos_token_id", "use_cache",
-             "temperature", "top_p", "top_k"}
+             "temperature", "top_p", "top_k", "streamer"}
 _CONFIG_FIELDS_OK = {"bos_token_id", "eos_token_id", "pad_token_id", "max_length",
                      "max_new_tokens", "min_new_tokens", "do_sample", "num_beams",
                      "temperature", "top_p", "top_k", "use_cache", "transformers_version",
@@ -89,8 +89,9 @@ class FastGenerate:
                 kwargs["adapter_names"] = adapter_names
             return self.fallback(*args, **kwargs)
         self.last_path = "lorart"
-        input_ids, adapter, max_new, min_new, eos = plan
-        return greedy_generate(self.decoder(), input_ids, max_new, min_new, eos, adapter)
+        input_ids, adapter, max_new, min_new, eos, streamer = plan
+        return greedy_generate(self.decoder(), input_ids, max_new, min_new, eos, adapter,
+                               streamer)
 
     def decoder(self) -> LlamaDecoder:
         """The model's ``LlamaDecoder``, rebuilt when its base weights changed."""
@@ -145,7 +146,7 @@ class FastGenerate:
         min_new = get("min_new_tokens") or 0
         eos = get("eos_token_id")
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        return input_ids, adapter, int(max_new), int(min_new), eos
+        return input_ids, adapter, int(max_new), int(min_new), eos, kwargs.get("streamer")
 
     def _adapter(self, adapter_names):
         """The one adapter of this call (``None``: base), or ``_NO_ADAPTER``."""
@@ -182,12 +183,18 @@ class FastGenerate:
 
 @torch.no_grad()
 def greedy_generate(decoder: LlamaDecoder, input_ids: torch.Tensor, max_new_tokens: int,
-                    min_new_tokens: int = 0, eos_token_ids=(), adapter: str | None = None
-                    ) -> torch.Tensor:
+                    min_new_tokens: int = 0, eos_token_ids=(), adapter: str | None = None,
+                    streamer=None) -> torch.Tensor:
     """``[1, T + n]``: ``input_ids [1, T]`` followed by up to ``max_new_tokens`` greedy
-    tokens, stopping after an EOS token once ``min_new_tokens`` were generated."""
+    tokens, stopping after an EOS token once ``min_new_tokens`` were generated.
+    ``streamer`` (a transformers ``BaseStreamer``) gets what transformers' loop gives it:
+    ``put(input_ids [1, T])``, ``put([token])`` per new token, then ``end()``."""
     t = input_ids.shape[1]
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     if max_new_tokens <= 0:
+        if streamer is not None:
+            streamer.end()
         return input_ids
     session = decoder.session(t + max_new_tokens, adapter)
     eos = set(int(e) for e in eos_token_ids)
@@ -201,8 +208,12 @@ def greedy_generate(decoder: LlamaDecoder, input_ids: torch.Tensor, max_new_toke
             logits = logits.index_fill(0, eos_index, float("-inf"))
         nxt = int(logits.argmax())
         out.append(nxt)
+        if streamer is not None:
+            streamer.put(torch.tensor([nxt], dtype=input_ids.dtype))
         if nxt in eos:
             break
+    if streamer is not None:
+        streamer.end()
     return torch.tensor([out], dtype=input_ids.dtype, device=input_ids.device)
 
 

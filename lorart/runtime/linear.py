@@ -143,6 +143,13 @@ def _adapter_pair(modules: Sequence[nn.Module], adapter: str | None, dtype, devi
                           m.scaling(adapter)))
         else:
             parts.append(None)
+    return _pair_of_parts(modules, parts, dtype, device)
+
+
+def _pair_of_parts(modules: Sequence[nn.Module], parts: Sequence[tuple | None], dtype, device
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(A [R, K], B [N_total, R])`` from one ``(A [r, K], B [N, r], scale)`` or None per
+    layer of the group: A stacked, B block-diagonal with each block's scale folded in."""
     if all(p is None for p in parts):
         return None
     k = parts[next(i for i, p in enumerate(parts) if p is not None)][0].shape[1]
@@ -206,6 +213,7 @@ class DecodeLinear:
             [torch.zeros(n, dtype=dtype, device=self.device) if b is None
              else b.detach().to(dtype) for b, n in zip(biases, self.split)])
         self._bound: dict[str | None, BoundLinear] = {}
+        self._bound_parts: tuple[object, BoundLinear] | None = None
 
     def _adapter_key(self, adapter: str | None) -> tuple:
         """Identity and version of the adapter's parameters: a new key means rebind."""
@@ -231,6 +239,21 @@ class DecodeLinear:
                 bound = BoundLinear(self, *(pair if pair is not None else (None, None)))
             bound.key = key
             self._bound[adapter] = bound
+        return bound
+
+    def bind_parts(self, key: object, parts: Sequence[tuple | None]) -> BoundLinear:
+        """The layer group with an adapter given as tensors: one ``(A [r, K], B [N, r],
+        scale)`` or None per layer (the serving engine's ``AdapterWeights``). One binding
+        is kept, for the last ``key`` (the object those tensors belong to)."""
+        cached = self._bound_parts
+        if cached is not None and cached[0] is key:
+            return cached[1]
+        if len(parts) != len(self.modules):
+            raise ValueError(f"parts must have one entry per layer ({len(self.modules)}), "
+                             f"got {len(parts)}")
+        pair = _pair_of_parts(self.modules, parts, self.dtype, self.device)
+        bound = BoundLinear(self, *(pair if pair is not None else (None, None)))
+        self._bound_parts = (key, bound)
         return bound
 
 

@@ -138,6 +138,7 @@ class LlamaDecoder:
         self.rotary = inner.rotary_emb
         self.device = self.norm.device
         self._rope = torch.empty(0)
+        self._paths = {id(m): name for name, m in model.named_modules()}
         self.signature = decoder_signature(model)
 
     # ------------------------------------------------------------------ tables
@@ -159,9 +160,20 @@ class LlamaDecoder:
             self._rope = torch.stack([cos[0].to(self.dtype), sin[0].to(self.dtype) * sign])
         return self._rope[0], self._rope[1]
 
-    def session(self, max_len: int, adapter: str | None = None) -> DecodeSession:
-        """Per-call state for up to ``max_len`` positions with ``adapter`` (or none)."""
+    def session(self, max_len: int, adapter=None) -> DecodeSession:
+        """Per-call state for up to ``max_len`` positions with ``adapter``: None, the name
+        of an adapter the model holds, or tensors by module path (an object with
+        ``.layers = {"model.layers.0.self_attn.q_proj": (A, B, scale), ...}``, as the
+        serving engine's ``AdapterWeights``)."""
         return DecodeSession(self, max_len, adapter)
+
+    def bind(self, group: DecodeLinear, adapter) -> BoundLinear:
+        """``group`` bound to ``adapter`` (see :meth:`session`)."""
+        if adapter is None or isinstance(adapter, str):
+            return group.bind(adapter)
+        layers = adapter.layers
+        return group.bind_parts(adapter, [layers.get(self._paths.get(id(m)))
+                                          for m in group.modules])
 
 
 class DecodeSession:
@@ -171,7 +183,7 @@ class DecodeSession:
     ``[T, vocab]`` of every new position (or only the last with ``last_only=True``).
     """
 
-    def __init__(self, decoder: LlamaDecoder, max_len: int, adapter: str | None) -> None:
+    def __init__(self, decoder: LlamaDecoder, max_len: int, adapter) -> None:
         d = decoder
         self.decoder = d
         self.max_len = max_len
@@ -179,7 +191,7 @@ class DecodeSession:
         shape = (len(d.layers), 2, 1, d.n_kv, max_len, d.head_dim)
         self.cache = torch.zeros(shape, dtype=d.dtype, device=d.device)
         self.bound: list[tuple[BoundLinear, ...]] = [
-            tuple(g.bind(adapter) for g in layer.groups()) for layer in d.layers]
+            tuple(d.bind(g, adapter) for g in layer.groups()) for layer in d.layers]
         self.lm_head = d.lm_head.bind(None)
         self.cos, self.sin = d.rope_tables(max_len)
         # Everything the one-token step reads per layer, unpacked once.

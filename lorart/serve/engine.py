@@ -39,6 +39,7 @@ from .resident import ResidentSlots
 from .runner import PROJECTIONS, ModelRunner, SeqChunk, StepBatch, embedding_dtype_device
 from .sampling import make_generator, sample
 from .scheduler import Scheduler
+from .solo import SoloDecoder
 from .types import AdapterInfo, Delta, EngineMetrics, SamplingParams
 
 _MIB = 1 << 20
@@ -100,6 +101,10 @@ class Engine:
         self.eos_ids = tuple(eos) if isinstance(eos, list | tuple) else \
             (() if eos is None else (int(eos),))
         self._import_model_adapters(modules, shapes)
+        # A step of one lone token runs the batch-1 C++ decode step (solo.py); not under
+        # a subclass's runner (tensor parallel: every rank must run the same step).
+        self.solo = SoloDecoder(model, self.kv, self.max_context)
+        self.solo.enabled = self.solo.enabled and self.runner_class is ModelRunner
 
         self._lock = threading.Condition()
         self._incoming: list[Request] = []
@@ -359,6 +364,8 @@ class Engine:
                 self._finish(req, "error", req.adapter.error)
             sched = self.scheduler.schedule()
             self._preemptions += len(sched.preempted)
+            for req in sched.preempted:
+                self.solo.forget(req)
             for req in sched.too_long:
                 self._finish(req, "length")
             if not sched.chunks:
@@ -382,6 +389,8 @@ class Engine:
                 self._finish(req, "cancelled")
 
     def _run(self, chunks: list[tuple[Request, int]]) -> None:
+        if len(chunks) == 1 and chunks[0][1] == 1 and self._run_solo(chunks[0][0]):
+            return
         needed = list(dict.fromkeys(r.adapter.weights for r, _ in chunks
                                     if not r.adapter.is_base))
         segments = self.pool.ensure_resident(needed)
@@ -414,6 +423,17 @@ class Engine:
         for req, tok in zip(samplers, new_tokens):
             self._append(req, tok)
 
+    def _run_solo(self, req: Request) -> bool:
+        """One token of one request through the batch-1 decoder; False: run it batched."""
+        end = req.num_computed + 1
+        logits = self.solo.logits(req, self.kv.slots(req.block_table, 0, end))
+        if logits is None:
+            return False
+        req.num_computed = end
+        if end == req.num_tokens:
+            self._append(req, sample(logits, [req.sampling], [req.generator])[0])
+        return True
+
     def _append(self, req: Request, token: int) -> None:
         req.output_ids.append(token)
         self._gen_tokens += 1
@@ -439,6 +459,7 @@ class Engine:
             return
         self.scheduler.remove(req)
         self.pool.release(req.adapter)
+        self.solo.forget(req)
         req.state = FINISHED
         if delta is None:
             delta = Delta([], "")

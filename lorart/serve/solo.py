@@ -25,8 +25,10 @@ from torch import nn
 
 from .kv_cache import PagedKVCache
 
-# A session's static cache holds max_len positions up front: above this, stay batched.
-MAX_SESSION_CACHE_BYTES = 256 << 20
+# A session's static cache holds max_len = prompt + max_tokens positions up front, outside
+# the engine's memory budget (engine.memory_plan): above this, the request stays batched
+# (SmolLM2: 46 KB per position, so up to ~1400 positions).
+MAX_SESSION_CACHE_BYTES = 64 << 20
 
 
 class SoloDecoder:

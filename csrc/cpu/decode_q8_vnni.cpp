@@ -32,6 +32,13 @@ inline __m512 lane_params(const Q8Weight& w, const void* p, int64_t first, int64
   return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
 }
 
+// Chunk c of a weight row (64 bytes; the row's last chunk may be shorter: masked load).
+inline __m512i load_chunk(const uint8_t* row, int64_t c, int64_t chunk_bytes, int64_t row_bytes) {
+  const int64_t bytes = min64(chunk_bytes, row_bytes - c * chunk_bytes);
+  return bytes == 64 ? _mm512_loadu_si512(row + c * 64)
+                     : _mm512_maskz_loadu_epi8((__mmask64{1} << bytes) - 1, row + c * 64);
+}
+
 void rows_vnni(const Q8Weight& w, const Q8Raw& x, float* y, int64_t n0, int64_t n1) {
   const int64_t groups = w.k / kGroup, ck = chunk_k(w.int8), gpc = ck / kGroup;
   const int64_t chunks = (w.k + ck - 1) / ck;
@@ -46,10 +53,7 @@ void rows_vnni(const Q8Weight& w, const Q8Raw& x, float* y, int64_t n0, int64_t 
     const uint8_t* row = w.codes + n * row_bytes;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t bytes = min64(chunk_bytes, row_bytes - c * chunk_bytes);
-      const __m512i wv = bytes == 64
-                             ? _mm512_loadu_si512(row + c * 64)
-                             : _mm512_maskz_loadu_epi8((__mmask64{1} << bytes) - 1, row + c * 64);
+      const __m512i wv = load_chunk(row, c, chunk_bytes, row_bytes);
       const int8_t* xq = x.q + c * ck;
       __m512i ai;
       if (w.int8) {
@@ -94,10 +98,7 @@ void rows_vnni16(const Q8Weight& w, const Q8Raw& x, float* y, int64_t n0, int64_
     const uint8_t* row = w.codes + n * row_bytes;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t bytes = min64(chunk_bytes, row_bytes - c * chunk_bytes);
-      const __m512i wv = bytes == 64
-                             ? _mm512_loadu_si512(row + c * 64)
-                             : _mm512_maskz_loadu_epi8((__mmask64{1} << bytes) - 1, row + c * 64);
+      const __m512i wv = load_chunk(row, c, chunk_bytes, row_bytes);
       const int16_t* xq = x.q16 + c * ck;
       const int64_t first = n * groups + c * gpc, count = min64(gpc, groups - c * gpc);
       if (w.int8) {

@@ -103,8 +103,8 @@ class Engine:
         self._import_model_adapters(modules, shapes)
         # A step of one lone token runs the batch-1 C++ decode step (solo.py); not under
         # a subclass's runner (tensor parallel: every rank must run the same step).
-        self.solo = SoloDecoder(model, self.kv, self.max_context)
-        self.solo.enabled = self.solo.enabled and self.runner_class is ModelRunner
+        self.solo = SoloDecoder(model, self.kv, self.max_context,
+                                allowed=self.runner_class is ModelRunner)
 
         self._lock = threading.Condition()
         self._incoming: list[Request] = []

@@ -34,11 +34,12 @@ MAX_SESSION_CACHE_BYTES = 64 << 20
 class SoloDecoder:
     """Runs a lone request's step through the batch-1 decoder where the model allows."""
 
-    def __init__(self, model: nn.Module, kv: PagedKVCache, max_context: int) -> None:
+    def __init__(self, model: nn.Module, kv: PagedKVCache, max_context: int,
+                 allowed: bool = True) -> None:
         from ..runtime.llama import unsupported
 
         self.model, self.kv, self.max_context = model, kv, max_context
-        self.enabled = (os.environ.get("LORART_ENGINE_SOLO", "1").strip() != "0"
+        self.enabled = (allowed and os.environ.get("LORART_ENGINE_SOLO", "1").strip() != "0"
                         and unsupported(model) is None
                         and kv.k[0].dtype == torch.float32 and kv.k[0].device.type == "cpu")
         self._decoder = None
